@@ -1,0 +1,156 @@
+"""`python -m compile`: turn a checkpoint into a Kiln artifact (or verify one, or suggest buckets)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compile.config import DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_TARGETS, TARGETS, CompileConfig, ConfigError
+
+EPILOG = """examples:
+  python -m compile --checkpoint smollm2-135m-instruct --target cpu --out artifacts/smollm2
+  python -m compile --checkpoint ./my-llama --dtype float32 --context-buckets 64,256 --max-model-len 512 --out a/
+  python -m compile --verify artifacts/smollm2
+  python -m compile --suggest-buckets prompt_lengths.txt --num-buckets 3
+"""
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
+    values, v = [], start
+    while v < limit:
+        values.append(v)
+        v *= 2
+    return tuple(values) + (limit,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m compile", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile a Llama-family checkpoint (HF folder, .gguf, or a built-in name) into a Kiln "
+                    "artifact: one static-shape graph per bucket, the weights stored once, and the tokenizer.")
+    mode = p.add_argument_group("modes (default: compile)")
+    mode.add_argument("--verify", metavar="DIR", type=Path, help="verify an artifact's manifest and checksums, then exit")
+    mode.add_argument("--suggest-buckets", metavar="LENGTHS_FILE", type=Path,
+                      help="print context-bucket sets minimising padding waste for the prompt lengths in the file")
+    mode.add_argument("--num-buckets", type=int, default=3, help="largest bucket-set size to suggest (default 3)")
+    mode.add_argument("--dry-run", action="store_true", help="print the compile plan and exit without compiling")
+    c = p.add_argument_group("compile")
+    c.add_argument("--checkpoint", help="HF folder, .gguf file, or built-in name (smollm2-135m-instruct)")
+    c.add_argument("--out", type=Path, help="artifact folder to write")
+    c.add_argument("--target", choices=TARGETS, default="cpu", help="device the graphs are for (default cpu)")
+    c.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and activation dtype (default bfloat16)")
+    c.add_argument("--context-buckets", type=int_list, metavar="S1,S2,..",
+                   help=f"prefill lengths (default {','.join(map(str, DEFAULT_CONTEXT_BUCKETS))}, capped at max-model-len)")
+    c.add_argument("--batch-buckets", type=int_list, metavar="B1,B2,..",
+                   help="decode batch sizes (default powers of two up to max-num-seqs)")
+    c.add_argument("--kv-buckets", type=int_list, metavar="K1,K2,..",
+                   help="decode attention spans (default powers of two from 128 up to max-model-len)")
+    c.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots = largest decode batch (default 16)")
+    c.add_argument("--max-model-len", type=int, default=2048, help="positions per sequence (default 2048)")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact built from other inputs")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    n = p.add_argument_group("neuron target")
+    n.add_argument("--neuron-target", choices=NEURON_TARGETS, help="instance family the NEFFs are compiled for")
+    n.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree over NeuronCores (default 1)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CompileConfig:
+    max_len, max_seqs = args.max_model_len, args.max_num_seqs
+    context = args.context_buckets or (tuple(s for s in DEFAULT_CONTEXT_BUCKETS if s < max_len) + (
+        (max_len,) if max_len <= DEFAULT_CONTEXT_BUCKETS[-1] else (DEFAULT_CONTEXT_BUCKETS[-1],)))
+    return CompileConfig(
+        checkpoint=args.checkpoint, target=args.target, dtype=args.dtype, context_buckets=context,
+        batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs),
+        kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len)),
+        max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree)
+
+
+def run_suggest(path: Path, num_buckets: int, max_len: int) -> int:
+    from compile.buckets import suggest_buckets
+    try:
+        lengths = [int(line) for line in path.read_text().split() if line.strip()]
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read prompt lengths from {path}: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(lengths)} prompt lengths, max {max(lengths) if lengths else 0}; largest bucket {max_len}")
+    print(f"{'buckets':>8}  {'padding waste':>13}  bucket set")
+    for k in range(1, num_buckets + 1):
+        try:
+            chosen, waste = suggest_buckets(lengths, k, max_len)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{k:>8}  {waste:>12.1%}  {','.join(map(str, chosen))}")
+    return 0
+
+
+def run_verify(path: Path) -> int:
+    from compile.manifest import ArtifactError
+    from server.runner.artifact import verify_artifact
+    try:
+        manifest = verify_artifact(path)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"ok: {path} ({manifest.target}, {manifest.dtype}, {len(manifest.graphs)} graphs, {len(manifest.files)} files verified)")
+    return 0
+
+
+def print_summary(result) -> None:
+    rows = result.graph_rows
+    width = max(len("bucket"), *(len(r[0]) for r in rows))
+    print(f"\n{'bucket':<{width}}  {'graph size':>12}  {'compile s':>9}")
+    for name, size, seconds in rows:
+        print(f"{name:<{width}}  {size / 1024:>9.1f} KiB  {seconds:>9.2f}")
+    total = sum(r[2] for r in rows)
+    print(f"{'total':<{width}}  {sum(r[1] for r in rows) / 1024:>9.1f} KiB  {total:>9.2f}")
+    ratio = result.artifact_bytes / result.weights_bytes if result.weights_bytes else 0.0
+    print(f"weights ({result.manifest.dtype}): {result.weights_bytes / 2**20:.1f} MiB; "
+          f"artifact: {result.artifact_bytes / 2**20:.1f} MiB ({ratio:.3f}x the weights)")
+    print(f"artifact written to {result.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        return run_verify(args.verify)
+    if args.suggest_buckets:
+        return run_suggest(args.suggest_buckets, args.num_buckets, args.max_model_len)
+    if not args.checkpoint or (not args.out and not args.dry_run):
+        parser.error("--checkpoint and --out are required to compile")
+    from compile.checkpoint import CheckpointError
+    from compile.manifest import ArtifactError
+    try:
+        cfg = config_from_args(args)
+        if args.target == "neuron" or args.dry_run:
+            from compile import neuron_target
+            if args.dry_run:
+                print(neuron_target.describe_plan(cfg))
+                return 0
+            neuron_target.require_toolchain()
+        from compile.export import build_artifact
+        result = build_artifact(cfg, args.out, force=args.force, progress=not args.quiet)
+    except (ConfigError, CheckpointError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no artifact was written", file=sys.stderr)
+        return 130
+    if result.up_to_date:
+        print(f"{result.out} is up to date (same checkpoint and settings); nothing to do")
+        return 0
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

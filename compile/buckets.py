@@ -1,0 +1,90 @@
+"""The bucket plan (one graph per shape) and bucket suggestions from observed prompt lengths."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compile.config import CompileConfig
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One bucket graph. `name` is also its file stem in graphs/."""
+
+    kind: str          # "prefill" | "prefill_chunk" | "decode"
+    seq_len: int = 0   # prefill: tokens per call
+    batch: int = 0     # decode: rows per call
+    kv_len: int = 0    # decode: cached span; prefill_chunk: past span
+
+    @property
+    def name(self) -> str:
+        if self.kind == "prefill":
+            return f"prefill_s{self.seq_len}"
+        if self.kind == "prefill_chunk":
+            return f"prefill_chunk_s{self.seq_len}_p{self.kv_len}"
+        return f"decode_b{self.batch}_k{self.kv_len}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "seq_len": self.seq_len,
+                "batch": self.batch, "kv_len": self.kv_len}
+
+
+def plan_graphs(cfg: CompileConfig) -> list[GraphSpec]:
+    specs = [GraphSpec("prefill", seq_len=s) for s in cfg.context_buckets]
+    if cfg.needs_chunk_graph:
+        specs.append(GraphSpec("prefill_chunk", seq_len=cfg.context_buckets[-1], kv_len=cfg.max_model_len))
+    specs += [GraphSpec("decode", batch=b, kv_len=k) for b in cfg.batch_buckets for k in cfg.kv_buckets]
+    return specs
+
+
+def smallest_fitting(buckets: tuple[int, ...] | list[int], n: int) -> int:
+    """The smallest bucket >= n (the caller guarantees one exists)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def padding_waste(lengths: list[int], buckets: list[int]) -> float:
+    """Padded / computed positions when each length runs at its smallest fitting bucket."""
+    computed = sum(smallest_fitting(buckets, n) for n in lengths)
+    return (computed - sum(lengths)) / computed if computed else 0.0
+
+
+def suggest_buckets(lengths: list[int], num_buckets: int, max_len: int) -> tuple[list[int], float]:
+    """Bucket set of size <= num_buckets, the largest == max_len, minimising padding waste.
+
+    Exact dynamic programme over the distinct observed lengths (a bucket edge only ever pays off
+    at an observed length): O(num_buckets * distinct^2).
+    """
+    if not lengths:
+        raise ValueError("no prompt lengths given")
+    if max(lengths) > max_len:
+        raise ValueError(f"a prompt length {max(lengths)} exceeds the largest allowed bucket {max_len}")
+    counts: dict[int, int] = {}
+    for n in lengths:
+        counts[n] = counts.get(n, 0) + 1
+    edges = sorted(set(counts) | {max_len})
+    # prefix sums of counts over edges, so the cost of a group is O(1)
+    cum = [0]
+    for e in edges:
+        cum.append(cum[-1] + counts.get(e, 0))
+    inf = float("inf")
+    m = len(edges)
+    # best[k][j]: min computed positions covering edges[:j+1] with k buckets, last bucket at edges[j]
+    best = [[inf] * m for _ in range(num_buckets + 1)]
+    back = [[-1] * m for _ in range(num_buckets + 1)]
+    for j in range(m):
+        best[1][j] = cum[j + 1] * edges[j]
+    for k in range(2, num_buckets + 1):
+        for j in range(m):
+            for i in range(j):
+                cost = best[k - 1][i] + (cum[j + 1] - cum[i + 1]) * edges[j]
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    k = min(range(1, num_buckets + 1), key=lambda kk: (best[kk][m - 1], kk))
+    chosen, j = [], m - 1
+    while j >= 0 and k >= 1:
+        chosen.append(edges[j])
+        j, k = back[k][j], k - 1
+    chosen.sort()
+    return chosen, padding_waste(lengths, chosen)

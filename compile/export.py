@@ -1,0 +1,145 @@
+"""Build an artifact folder: tokenizer, weights stored once, one graph per bucket, manifest.
+
+The folder is written under a temporary name beside the destination and renamed into place at
+the end, so an interrupted compile never leaves something that looks like a valid artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compile import __version__
+from compile.buckets import plan_graphs
+from compile.checkpoint import files_sha256, load_checkpoint, resolve
+from compile.config import CompileConfig
+from compile.manifest import FORMAT_VERSION, MANIFEST_NAME, ArtifactError, Manifest, list_files
+from compile.model import weight_names
+
+WEIGHTS_FILE = "weights/model.safetensors"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    up_to_date: bool
+    manifest: Manifest
+    graph_rows: list[tuple[str, int, float]] = field(default_factory=list)  # name, bytes, seconds
+    weights_bytes: int = 0
+    artifact_bytes: int = 0
+
+
+def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
+    import torch
+    blob = json.dumps({"config": cfg.to_dict() | {"checkpoint": None}, "source": source_sha256,
+                       "kiln": __version__, "torch": torch.__version__, "format": FORMAT_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def source_hash(checkpoint: str) -> str:
+    path = resolve(checkpoint)
+    if path.is_file():
+        return files_sha256([path])
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return files_sha256([f for f in files if f.exists()])
+
+
+def existing_artifact(out: Path, key: str) -> Manifest | None:
+    """The manifest of a valid artifact at `out` built from the same inputs, else None."""
+    try:
+        manifest = Manifest.read(out)
+        if manifest.compile_key != key:
+            return None
+        manifest.verify_files(out)
+        return manifest
+    except ArtifactError:
+        return None
+
+
+def versions(cfg: CompileConfig) -> dict:
+    import torch
+    import transformers
+    found = {"kiln": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    if cfg.target == "neuron":
+        from compile import neuron_target
+        found.update(neuron_target.toolchain_versions())
+    return found
+
+
+def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress: bool = True) -> BuildResult:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    out = Path(out).resolve()
+    key = compile_key(cfg, source_hash(cfg.checkpoint))
+    found = existing_artifact(out, key)
+    if found is not None and not force:
+        return BuildResult(out=out, up_to_date=True, manifest=found)
+    if out.exists() and not force:
+        what = "an artifact built from other inputs" if (out / MANIFEST_NAME).exists() else "not a valid artifact"
+        raise ArtifactError(f"{out}: already exists and is {what}; pass --force to replace it")
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ckpt = load_checkpoint(cfg.checkpoint, dtype)
+    if cfg.target == "neuron":
+        from compile import neuron_target
+        backend = neuron_target
+    else:
+        from compile import cpu_target as backend
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "graphs").mkdir(parents=True)
+    (tmp / "weights").mkdir()
+    try:
+        ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        names = weight_names(ckpt.config)
+        tensors = [ckpt.weights[n] for n in names]
+        extra_weight_files = backend.write_weights(cfg, ckpt, tmp) if hasattr(backend, "write_weights") else []
+        save_file(ckpt.weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        graphs, timings, rows = [], {}, []
+        specs = plan_graphs(cfg)
+        bar = tqdm(specs, desc="compiling buckets", unit="graph", disable=not progress)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            start = time.perf_counter()
+            file_name = backend.compile_graph(spec, cfg, ckpt, tensors, tmp / "graphs")
+            seconds = time.perf_counter() - start
+            graphs.append(spec.to_dict() | {"file": f"graphs/{file_name}"})
+            timings[spec.name] = round(seconds, 3)
+            rows.append((spec.name, (tmp / "graphs" / file_name).stat().st_size, seconds))
+        bar.close()
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, model=ckpt.config.to_dict(), target=cfg.target, dtype=cfg.dtype,
+            tp_degree=cfg.tp_degree,
+            buckets={"context": list(cfg.context_buckets), "batch": list(cfg.batch_buckets), "kv": list(cfg.kv_buckets)},
+            max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, graphs=graphs,
+            weights=[WEIGHTS_FILE, *extra_weight_files], files=list_files(tmp),
+            source={"checkpoint": cfg.checkpoint, "sha256": ckpt.source_sha256},
+            versions=versions(cfg), compile_key=key, timings=timings,
+            neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {})
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weights_bytes = sum(t.numel() * t.element_size() for t in ckpt.weights.values())
+    artifact_bytes = sum(f["size"] for f in manifest.files.values())
+    return BuildResult(out=out, up_to_date=False, manifest=manifest, graph_rows=rows,
+                       weights_bytes=weights_bytes, artifact_bytes=artifact_bytes)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is removed only after the rename."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

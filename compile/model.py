@@ -1,0 +1,257 @@
+"""The one model definition: Llama-family decoders with static shapes and an explicit KV cache.
+
+Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
+(sliding window) and Qwen2ForCausalLM (qkv bias, tied or untied embeddings).
+
+Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
+a traced bucket graph carries no weights and every graph binds the same stored tensors.
+Nothing here branches on tensor values and every shape is fixed by the bucket: the same code is
+traced by torch.export (cpu) and torch-neuronx (neuron). It uses only PyTorch 2.x APIs that
+exist in 2.9 (torch-neuronx is frozen there).
+
+Cache layout: k_cache / v_cache are [L, slots, kv_heads, max_len, head_dim]. Graphs *return*
+the new K/V of the positions they computed and the caller writes them into the cache: on CPU a
+graph that mutates its cache input makes torch copy the whole cache per call (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str
+    rope_attention_scaling: float
+    attention_bias: bool
+    tie_word_embeddings: bool
+    sliding_window: Optional[int]
+    max_position_embeddings: int
+    bos_token_id: Optional[int]
+    eos_token_ids: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def weight_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor the graphs take, in the fixed order they are passed (HF names)."""
+    names = ["model.embed_tokens.weight", "rope.inv_freq"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            names.append(p + f"self_attn.{proj}.weight")
+            if cfg.attention_bias:
+                names.append(p + f"self_attn.{proj}.bias")
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
+                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+class Weights:
+    """Named view over the flat weight list a graph receives."""
+
+    def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
+        self.cfg = cfg
+        self._by_name = dict(zip(weight_names(cfg), tensors))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._by_name[name]
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        return self._by_name.get(name)
+
+    def layer(self, i: int, name: str) -> Optional[torch.Tensor]:
+        return self._by_name.get(f"model.layers.{i}.{name}")
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self._by_name.get("lm_head.weight", self._by_name["model.embed_tokens.weight"])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [...] int64 -> cos, sin [..., head_dim] (HF's formula, incl. attention scaling)."""
+    freqs = positions[..., None].to(torch.float32) * w["rope.inv_freq"].to(torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = w.cfg.rope_attention_scaling
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def qkv(w: Weights, i: int, h: torch.Tensor):
+    """h [T, hidden] -> q [T, H, D], k [T, KV, D], v [T, KV, D] (before rope)."""
+    cfg, t = w.cfg, h.shape[0]
+    out = []
+    for proj, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads), ("v_proj", cfg.num_kv_heads)):
+        y = F.linear(h, w.layer(i, f"self_attn.{proj}.weight"), w.layer(i, f"self_attn.{proj}.bias"))
+        out.append(y.view(t, heads, cfg.head_dim))
+    return out
+
+
+def mlp(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
+    gate = F.linear(h, w.layer(i, "mlp.gate_proj.weight"))
+    up = F.linear(h, w.layer(i, "mlp.up_proj.weight"))
+    return F.linear(F.silu(gate) * up, w.layer(i, "mlp.down_proj.weight"))
+
+
+def softmax_attend(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Masked scores (float32) -> probabilities in the values' dtype -> weighted sum."""
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
+def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """True where a query at query_pos may attend to a key at key_pos (causal, sliding window)."""
+    allowed = key_pos <= query_pos
+    if cfg.sliding_window is not None:
+        allowed = allowed & (key_pos > query_pos - cfg.sliding_window)
+    return allowed
+
+
+def final_logits(w: Weights, h: torch.Tensor) -> torch.Tensor:
+    h = rms_norm(h, w["model.norm.weight"], w.cfg.rms_norm_eps)
+    return F.linear(h, w.lm_head).to(torch.float32)
+
+
+def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_index: torch.Tensor,
+            past_k: Optional[torch.Tensor] = None, past_v: Optional[torch.Tensor] = None):
+    """Prefill one sequence's chunk.
+
+    input_ids [S] (padded on the right), start_pos [] position of input_ids[0], last_index []
+    index of the last real token in the chunk. past_k/past_v [L, KV, P, D]: the slot's cache
+    (positions < start_pos are valid) for later chunks of a long prompt; None for a first chunk.
+    Returns logits [1, V] float32 of the last real token, new_k/new_v [L, KV, S, D].
+    """
+    cfg = w.cfg
+    s = input_ids.shape[0]
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    positions = start_pos + torch.arange(s, dtype=torch.int64)
+    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]                     # [S, 1, D]
+    mask = key_mask(cfg, positions[None, :], positions[:, None])    # [S, S]
+    if past_k is not None:
+        past_pos = torch.arange(past_k.shape[2], dtype=torch.int64)
+        past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None])
+        mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
+    h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [S, hidden]
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+        x = rms_norm(h, w.layer(i, "input_layernorm.weight"), cfg.rms_norm_eps)
+        q, k, v = qkv(w, i, x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)                 # [KV, S, D]
+        new_k.append(k)
+        new_v.append(v)
+        if past_k is not None:
+            k = torch.cat((past_k[i], k), dim=1)
+            v = torch.cat((past_v[i], v), dim=1)
+        # grouped-query attention by reshaping q: [KV, G*S, D]
+        qg = q.view(s, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim).permute(1, 2, 0, 3)
+        qg = qg.reshape(cfg.num_kv_heads, cfg.num_groups * s, cfg.head_dim)
+        scores = torch.matmul(qg, k.transpose(1, 2)).to(torch.float32) * scale
+        scores = scores.view(cfg.num_kv_heads, cfg.num_groups, s, -1).masked_fill(~mask, MASK_VALUE)
+        attn = softmax_attend(scores, v[:, None])                   # [KV, G, S, D]
+        attn = attn.permute(2, 0, 1, 3).reshape(s, cfg.num_heads * cfg.head_dim)
+        h = h + F.linear(attn, w.layer(i, "self_attn.o_proj.weight"))
+        h = h + mlp(w, i, rms_norm(h, w.layer(i, "post_attention_layernorm.weight"), cfg.rms_norm_eps))
+    logits = final_logits(w, h.index_select(0, last_index.view(1)))
+    return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
+           k_span: torch.Tensor, v_span: torch.Tensor):
+    """One new token for each of B sequences.
+
+    input_ids [B], positions [B] (= tokens already cached), k_span/v_span [L, B, KV, K, D]: the
+    first K cached positions of the B slots (positions >= a row's position are ignored).
+    Returns logits [B, V] float32 and new_k/new_v [L, B, KV, D] to be written at `positions`.
+    """
+    cfg = w.cfg
+    b, span = input_ids.shape[0], k_span.shape[3]
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]                     # [B, 1, D]
+    key_pos = torch.arange(span, dtype=torch.int64)
+    cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None])
+    cached = cached[:, None, None, :]                               # [B, 1, 1, K]
+    h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [B, hidden]
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+        x = rms_norm(h, w.layer(i, "input_layernorm.weight"), cfg.rms_norm_eps)
+        q, k, v = qkv(w, i, x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # q [B, H, D], k/v [B, KV, D]
+        new_k.append(k)
+        new_v.append(v)
+        qg = q.view(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+        past = torch.matmul(qg, k_span[i].transpose(2, 3)).to(torch.float32) * scale   # [B, KV, G, K]
+        past = past.masked_fill(~cached, MASK_VALUE)
+        own = (qg * k[:, :, None, :]).sum(-1, keepdim=True).to(torch.float32) * scale  # [B, KV, G, 1]
+        probs = torch.softmax(torch.cat((past, own), dim=-1), dim=-1).to(v.dtype)
+        attn = torch.matmul(probs[..., :span], v_span[i]) + probs[..., span:] * v[:, :, None, :]
+        h = h + F.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), w.layer(i, "self_attn.o_proj.weight"))
+        h = h + mlp(w, i, rms_norm(h, w.layer(i, "post_attention_layernorm.weight"), cfg.rms_norm_eps))
+    return final_logits(w, h), torch.stack(new_k), torch.stack(new_v)
+
+
+class PrefillGraph(torch.nn.Module):
+    """Bucket function for tracing: weights are the first argument, never module state."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, weights: list[torch.Tensor], input_ids, start_pos, last_index):
+        return prefill(Weights(self.cfg, weights), input_ids, start_pos, last_index)
+
+
+class PrefillChunkGraph(PrefillGraph):
+    def forward(self, weights: list[torch.Tensor], input_ids, start_pos, last_index, past_k, past_v):
+        return prefill(Weights(self.cfg, weights), input_ids, start_pos, last_index, past_k, past_v)
+
+
+class DecodeGraph(PrefillGraph):
+    def forward(self, weights: list[torch.Tensor], input_ids, positions, k_span, v_span):
+        return decode(Weights(self.cfg, weights), input_ids, positions, k_span, v_span)

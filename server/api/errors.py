@@ -1,0 +1,101 @@
+"""OpenAI error objects: `{"error": {"message", "type", "param", "code"}}`, one status each.
+
+Handlers call `raise OpenAIError(...)` (or a named helper); app.py turns it, pydantic's
+validation errors and anything unexpected into this shape. 500s never carry a stack trace.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+RETRY_AFTER_SECONDS = 1
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def context_length_exceeded(message: str, param: str) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code="context_length_exceeded")
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def queue_full() -> OpenAIError:
+    return OpenAIError(429, "The server is at capacity (waiting queue full); retry after a moment.",
+                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def draining() -> OpenAIError:
+    return OpenAIError(503, "The server is shutting down and takes no new requests.",
+                       code="draining", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def internal_error() -> OpenAIError:
+    return OpenAIError(500, "Internal server error; see the server log.", code="internal_error")
+
+
+def _param(loc: tuple) -> Optional[str]:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = [p for p in loc if p != "body"]
+    text = ""
+    for p in parts:
+        text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
+    return text or None
+
+
+def from_validation_error(exc: RequestValidationError) -> OpenAIError:
+    """The first pydantic error as a 400 that names its field."""
+    errors = exc.errors()
+    if not errors:
+        return bad_request("Invalid request body.")
+    err = errors[0]
+    kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
+    param = _param(tuple(err.get("loc", ())))
+    if kind == "json_invalid":
+        return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}",
+                           code="invalid_json")
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unrecognized_argument")
+    if kind == "missing" and param is None:
+        return bad_request("A JSON request body is required.", code="invalid_json")
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "model_attributes_type":
+        return bad_request(f"{param or 'Request body'} must be a JSON object.", param=param, code="invalid_type")
+    msg = msg.removeprefix("Value error, ")
+    return bad_request(f"{param}: {msg}" if param else msg, param=param)

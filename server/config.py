@@ -1,0 +1,154 @@
+"""ServerConfig: the `python -m server` flags, each with a KILN_<FLAG> environment twin.
+
+Precedence: command-line flag, then environment variable, then default. Built once in
+`server.__main__` and validated there; components copy out the fields they use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+LOG_FORMATS = ("text", "json")
+
+EPILOG = f"""environment:
+  every flag has a twin KILN_<FLAG> (e.g. KILN_PORT=9000, KILN_API_KEY=...);
+  a flag given on the command line wins over its environment variable.
+
+examples:
+  python -m server --artifact artifacts/smollm2
+  python -m server                      # compiles {DEFAULT_MODEL} (cpu) into --cache-dir once
+  KILN_API_KEY=secret python -m server --artifact a/ --max-num-queued-reqs 64 --log-format json
+
+SIGTERM drains: /ready answers 503, new requests get 503, requests in flight may finish for
+--drain-timeout seconds, then the process exits 0.
+"""
+
+
+class ConfigError(ValueError):
+    """An invalid flag or environment value (one-line message)."""
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """'*', 'https://a,https://b' or a JSON list (vLLM's form)."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return tuple(values)
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    artifact: Optional[Path] = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_num_seqs: Optional[int] = None          # None: every compiled KV slot
+    max_num_queued_reqs: Optional[int] = None   # None: unbounded waiting queue
+    allowed_origins: tuple[str, ...] = ("*",)
+    drain_timeout: float = 30.0
+    log_format: str = "text"
+    cache_dir: Path = Path("~/.cache/kiln").expanduser()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
+            raise ConfigError(f"--max-num-queued-reqs must be non-negative, got {self.max_num_queued_reqs}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"--drain-timeout must be non-negative, got {self.drain_timeout}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.api_key == "":
+            raise ConfigError("--api-key must not be empty")
+
+
+# (flag, type, metavar, help); defaults come from ServerConfig.
+_FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
+    ("--artifact", _path, "DIR", "compiled artifact folder to serve "
+     f"(default: compile {DEFAULT_MODEL} for cpu into --cache-dir once, then serve it)"),
+    ("--host", str, "HOST", "address to bind"),
+    ("--port", int, "PORT", "port to bind"),
+    ("--api-key", str, "KEY", "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+     "(/health, /ready, /metrics and /version stay open)"),
+    ("--served-model-name", str, "NAME", "model name in the API (default: the artifact's checkpoint name)"),
+    ("--max-num-seqs", int, "N", "sequences decoded together, at most the artifact's compiled KV slots "
+     "(default: all of them)"),
+    ("--max-num-queued-reqs", int, "N", "requests allowed to wait for a slot; beyond it the server answers "
+     "429 with Retry-After (default: unbounded)"),
+    ("--allowed-origins", _origins, "ORIGINS", "CORS origins: '*', a comma-separated list or a JSON list"),
+    ("--drain-timeout", float, "SECONDS", "on SIGTERM, how long requests in flight may run before they "
+     "are aborted"),
+    ("--log-format", str, "FORMAT", f"log lines as {' or '.join(LOG_FORMATS)}"),
+    ("--cache-dir", _path, "DIR", "where the default model is compiled when no --artifact is given"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "KILN_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _show_default(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a Kiln artifact over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ready, "
+                    "/metrics, /version).")
+    defaults = ServerConfig.__dataclass_fields__
+    for flag, kind, metavar, help_text in _FLAGS:
+        field = flag.lstrip("-").replace("-", "_")
+        default = _show_default(defaults[field].default)
+        extra = f" [env {env_name(flag)}" + ("]" if field == "artifact" else f"; default {default}]")
+        choices = LOG_FORMATS if field == "log_format" else None
+        parser.add_argument(flag, type=kind, metavar=metavar if choices is None else None, choices=choices,
+                            default=None, help=help_text + extra)
+    return parser
+
+
+def config_from_args(argv: Optional[list[str]] = None, environ: Optional[Mapping[str, str]] = None,
+                     parser: Optional[argparse.ArgumentParser] = None) -> ServerConfig:
+    """Parse flags, fill the gaps from KILN_* variables; bad values exit 2 via parser.error."""
+    parser = parser or build_parser()
+    environ = os.environ if environ is None else environ
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for flag, kind, _, _ in _FLAGS:
+        field = flag.lstrip("-").replace("-", "_")
+        value = getattr(args, field)
+        name = env_name(flag)
+        if value is None and environ.get(name, "") != "":
+            try:
+                value = kind(environ[name])
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                parser.error(f"{name}={environ[name]!r}: {e}")
+        if value is not None:
+            values[field] = value
+    try:
+        return ServerConfig(**values)
+    except ConfigError as e:
+        parser.error(str(e))

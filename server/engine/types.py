@@ -1,0 +1,159 @@
+"""Typed contracts between the engine's layers and the HTTP side.
+
+Nothing here imports torch: the scheduler and the API layer can be tested without it.
+Streaming outputs carry *deltas* (new text and ids since the previous output of the
+same choice); the blocking `LLMEngine.generate` returns the accumulated result.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"      # eos, a stop string or a stop token id
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"    # aborted by the caller (client disconnect, shutdown)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the server answers 429/503 with Retry-After."""
+
+
+class RequestTooLongError(ValueError):
+    """Prompt (plus at least one generated token) does not fit in max_model_len."""
+
+    def __init__(self, num_prompt_tokens: int, max_model_len: int):
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, "
+            f"but the prompt has {num_prompt_tokens} tokens"
+        )
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI fields plus vLLM's common extras)."""
+
+    n: int = 1
+    max_tokens: Optional[int] = 16          # None: until max_model_len
+    min_tokens: int = 0
+    temperature: float = 1.0               # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0                         # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None         # None: off; k >= 0: sampled token + top-k alternatives
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message naming the bad field."""
+        checks = [
+            (self.n >= 1, "n must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.min_tokens >= 0, "min_tokens must be non-negative"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             "min_tokens must not exceed max_tokens"),
+            (self.temperature >= 0.0, "temperature must be non-negative"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= -1, "top_k must be -1, 0 (disabled) or a positive integer"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be positive"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class CompletionOutput:
+    """One choice of a request. In streamed outputs, text/token_ids/logprobs are deltas."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[FinishReason] = None
+    num_generated_tokens: int = 0          # cumulative, for usage accounting
+    stop_reason: Optional[str | int] = None  # the matched stop string or stop token id
+
+
+@dataclass
+class RequestTimes:
+    """Monotonic timestamps (time.monotonic()) of one request's life."""
+
+    arrival: float
+    scheduled: Optional[float] = None      # first admitted to a slot
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    times: Optional[RequestTimes] = None
+
+
+@dataclass(frozen=True)
+class BucketRun:
+    """One graph execution: what ran and what it cost."""
+
+    kind: str                 # "prefill" | "prefill_chunk" | "decode"
+    bucket: str               # e.g. "prefill_s128", "decode_b4_k512"
+    num_real_tokens: int      # positions that carried a real token
+    num_padded_tokens: int    # positions computed only to fill the bucket
+    seconds: float
+
+
+@dataclass
+class StepStats:
+    """Accounting for one engine step (feeds Prometheus and the benchmarks)."""
+
+    runs: list[BucketRun]
+    num_running: int
+    num_waiting: int
+    num_slots_used: int
+    num_slots_total: int
+    step_seconds: float
+
+    @property
+    def padding_waste(self) -> float:
+        computed = sum(r.num_real_tokens + r.num_padded_tokens for r in self.runs)
+        return sum(r.num_padded_tokens for r in self.runs) / computed if computed else 0.0
+
+
+@dataclass
+class RequestStats:
+    """Emitted once when a request (all its n choices) finishes."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    finish_reason: FinishReason
+    times: RequestTimes
+    n: int = 1

