@@ -23,14 +23,16 @@ def example_inputs(spec: GraphSpec, cfg: ModelConfig, dtype: torch.dtype) -> tup
     """Inputs (after the weights) with exactly the bucket's shapes and dtypes."""
     i64 = torch.int64
     if spec.kind == "decode":
-        span = (cfg.num_layers, spec.batch, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
+        v_span = (cfg.num_layers, spec.batch, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
+        k_span = (cfg.num_layers, spec.batch, cfg.num_kv_heads, cfg.head_dim, spec.kv_len)
         return (torch.zeros(spec.batch, dtype=i64), torch.zeros(spec.batch, dtype=i64),
-                torch.zeros(span, dtype=dtype), torch.zeros(span, dtype=dtype))
+                torch.zeros(k_span, dtype=dtype), torch.zeros(v_span, dtype=dtype))
     ids, start, last = torch.zeros(spec.seq_len, dtype=i64), torch.tensor(0, dtype=i64), torch.tensor(0, dtype=i64)
     if spec.kind == "prefill":
         return ids, start, last
-    past = (cfg.num_layers, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
-    return ids, start, last, torch.zeros(past, dtype=dtype), torch.zeros(past, dtype=dtype)
+    past_k = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.kv_len)
+    past_v = (cfg.num_layers, cfg.num_kv_heads, spec.kv_len, cfg.head_dim)
+    return ids, start, last, torch.zeros(past_k, dtype=dtype), torch.zeros(past_v, dtype=dtype)
 
 
 def graph_module(spec: GraphSpec, cfg: ModelConfig) -> torch.nn.Module:

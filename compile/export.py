@@ -35,8 +35,12 @@ class BuildResult:
 
 def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
     import torch
+    toolchain = {}
+    if cfg.target == "neuron":  # a new neuronx-cc / torch-neuronx means a recompile (NEURON.md §1.5)
+        from compile import neuron_target
+        toolchain = {"neuron": neuron_target.toolchain_versions()}
     blob = json.dumps({"config": cfg.to_dict() | {"checkpoint": None}, "source": source_sha256,
-                       "kiln": __version__, "torch": torch.__version__, "format": FORMAT_VERSION},
+                       "kiln": __version__, "torch": torch.__version__, "format": FORMAT_VERSION, **toolchain},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -101,7 +105,10 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         names = weight_names(ckpt.config)
         tensors = [ckpt.weights[n] for n in names]
         extra_weight_files = backend.write_weights(cfg, ckpt, tmp) if hasattr(backend, "write_weights") else []
-        save_file(ckpt.weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # NOTE: a tp > 1 neuron artifact stores only its per-rank shards (the weights once, not twice).
+        full_weights = [WEIGHTS_FILE] if getattr(backend, "keeps_full_weights", lambda c: True)(cfg) else []
+        if full_weights:
+            save_file(ckpt.weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         graphs, timings, rows = [], {}, []
         specs = plan_graphs(cfg)
         bar = tqdm(specs, desc="compiling buckets", unit="graph", disable=not progress)
@@ -119,7 +126,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             tp_degree=cfg.tp_degree,
             buckets={"context": list(cfg.context_buckets), "batch": list(cfg.batch_buckets), "kv": list(cfg.kv_buckets)},
             max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, graphs=graphs,
-            weights=[WEIGHTS_FILE, *extra_weight_files], files=list_files(tmp),
+            weights=[*full_weights, *extra_weight_files], files=list_files(tmp),
             source={"checkpoint": cfg.checkpoint, "sha256": ckpt.source_sha256},
             versions=versions(cfg), compile_key=key, timings=timings,
             neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {})

@@ -9,7 +9,9 @@ Nothing here branches on tensor values and every shape is fixed by the bucket: t
 traced by torch.export (cpu) and torch-neuronx (neuron). It uses only PyTorch 2.x APIs that
 exist in 2.9 (torch-neuronx is frozen there).
 
-Cache layout: k_cache / v_cache are [L, slots, kv_heads, max_len, head_dim]. Graphs *return*
+Cache layout: k_cache is [L, slots, kv_heads, head_dim, max_len] (keys stored transposed, so
+q @ K^T over a span is a plain strided matmul: a [.., max_len, head_dim] slice made bf16 bmm
+copy the span every call) and v_cache is [L, slots, kv_heads, max_len, head_dim]. Graphs *return*
 the new K/V of the positions they computed and the caller writes them into the cache: on CPU a
 graph that mutates its cache input makes torch copy the whole cache per call (DESIGN.md).
 """
@@ -99,6 +101,16 @@ class Weights:
     def lm_head(self) -> torch.Tensor:
         return self._by_name.get("lm_head.weight", self._by_name["model.embed_tokens.weight"])
 
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """One projection, e.g. name "model.layers.0.mlp.up_proj" or "lm_head".
+
+        NOTE: the single place the model applies a weight matrix, so the neuron target can swap
+        in neuronx-distributed's parallel layers for tensor parallelism (compile/neuron/graphs.py).
+        """
+        if name == "lm_head":
+            return F.linear(x, self.lm_head)
+        return F.linear(x, self._by_name[name + ".weight"], self._by_name.get(name + ".bias"))
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
@@ -126,15 +138,14 @@ def qkv(w: Weights, i: int, h: torch.Tensor):
     cfg, t = w.cfg, h.shape[0]
     out = []
     for proj, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads), ("v_proj", cfg.num_kv_heads)):
-        y = F.linear(h, w.layer(i, f"self_attn.{proj}.weight"), w.layer(i, f"self_attn.{proj}.bias"))
+        y = w.linear(h, f"model.layers.{i}.self_attn.{proj}")
         out.append(y.view(t, heads, cfg.head_dim))
     return out
 
 
 def mlp(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
-    gate = F.linear(h, w.layer(i, "mlp.gate_proj.weight"))
-    up = F.linear(h, w.layer(i, "mlp.up_proj.weight"))
-    return F.linear(F.silu(gate) * up, w.layer(i, "mlp.down_proj.weight"))
+    p = f"model.layers.{i}.mlp."
+    return w.linear(F.silu(w.linear(h, p + "gate_proj")) * w.linear(h, p + "up_proj"), p + "down_proj")
 
 
 def softmax_attend(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -153,7 +164,7 @@ def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor) -
 
 def final_logits(w: Weights, h: torch.Tensor) -> torch.Tensor:
     h = rms_norm(h, w["model.norm.weight"], w.cfg.rms_norm_eps)
-    return F.linear(h, w.lm_head).to(torch.float32)
+    return w.linear(h, "lm_head").to(torch.float32)
 
 
 def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_index: torch.Tensor,
@@ -161,8 +172,9 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
     """Prefill one sequence's chunk.
 
     input_ids [S] (padded on the right), start_pos [] position of input_ids[0], last_index []
-    index of the last real token in the chunk. past_k/past_v [L, KV, P, D]: the slot's cache
-    (positions < start_pos are valid) for later chunks of a long prompt; None for a first chunk.
+    index of the last real token in the chunk. past_k [L, KV, D, P] / past_v [L, KV, P, D]: the
+    slot's cache (positions < start_pos are valid) for later chunks of a long prompt; None for a
+    first chunk.
     Returns logits [1, V] float32 of the last real token, new_k/new_v [L, KV, S, D].
     """
     cfg = w.cfg
@@ -173,7 +185,7 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [S, 1, D]
     mask = key_mask(cfg, positions[None, :], positions[:, None])    # [S, S]
     if past_k is not None:
-        past_pos = torch.arange(past_k.shape[2], dtype=torch.int64)
+        past_pos = torch.arange(past_k.shape[3], dtype=torch.int64)
         past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None])
         mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
     h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [S, hidden]
@@ -185,17 +197,18 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
         k, v = k.transpose(0, 1), v.transpose(0, 1)                 # [KV, S, D]
         new_k.append(k)
         new_v.append(v)
-        if past_k is not None:
-            k = torch.cat((past_k[i], k), dim=1)
-            v = torch.cat((past_v[i], v), dim=1)
         # grouped-query attention by reshaping q: [KV, G*S, D]
         qg = q.view(s, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim).permute(1, 2, 0, 3)
         qg = qg.reshape(cfg.num_kv_heads, cfg.num_groups * s, cfg.head_dim)
-        scores = torch.matmul(qg, k.transpose(1, 2)).to(torch.float32) * scale
+        scores = torch.matmul(qg, k.transpose(1, 2))
+        if past_k is not None:
+            scores = torch.cat((torch.matmul(qg, past_k[i]), scores), dim=-1)
+            v = torch.cat((past_v[i], v), dim=1)
+        scores = scores.to(torch.float32) * scale
         scores = scores.view(cfg.num_kv_heads, cfg.num_groups, s, -1).masked_fill(~mask, MASK_VALUE)
         attn = softmax_attend(scores, v[:, None])                   # [KV, G, S, D]
         attn = attn.permute(2, 0, 1, 3).reshape(s, cfg.num_heads * cfg.head_dim)
-        h = h + F.linear(attn, w.layer(i, "self_attn.o_proj.weight"))
+        h = h + w.linear(attn, f"model.layers.{i}.self_attn.o_proj")
         h = h + mlp(w, i, rms_norm(h, w.layer(i, "post_attention_layernorm.weight"), cfg.rms_norm_eps))
     logits = final_logits(w, h.index_select(0, last_index.view(1)))
     return logits, torch.stack(new_k), torch.stack(new_v)
@@ -205,12 +218,13 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
            k_span: torch.Tensor, v_span: torch.Tensor):
     """One new token for each of B sequences.
 
-    input_ids [B], positions [B] (= tokens already cached), k_span/v_span [L, B, KV, K, D]: the
-    first K cached positions of the B slots (positions >= a row's position are ignored).
+    input_ids [B], positions [B] (= tokens already cached), k_span [L, B, KV, D, K] and v_span
+    [L, B, KV, K, D]: the first K cached positions of the B slots (positions >= a row's position
+    are ignored).
     Returns logits [B, V] float32 and new_k/new_v [L, B, KV, D] to be written at `positions`.
     """
     cfg = w.cfg
-    b, span = input_ids.shape[0], k_span.shape[3]
+    b, span = input_ids.shape[0], k_span.shape[4]
     scale = 1.0 / math.sqrt(cfg.head_dim)
     cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [B, 1, D]
@@ -226,12 +240,12 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
         new_k.append(k)
         new_v.append(v)
         qg = q.view(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        past = torch.matmul(qg, k_span[i].transpose(2, 3)).to(torch.float32) * scale   # [B, KV, G, K]
+        past = torch.matmul(qg, k_span[i]).to(torch.float32) * scale    # [B, KV, G, K]
         past = past.masked_fill(~cached, MASK_VALUE)
         own = (qg * k[:, :, None, :]).sum(-1, keepdim=True).to(torch.float32) * scale  # [B, KV, G, 1]
         probs = torch.softmax(torch.cat((past, own), dim=-1), dim=-1).to(v.dtype)
         attn = torch.matmul(probs[..., :span], v_span[i]) + probs[..., span:] * v[:, :, None, :]
-        h = h + F.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), w.layer(i, "self_attn.o_proj.weight"))
+        h = h + w.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), f"model.layers.{i}.self_attn.o_proj")
         h = h + mlp(w, i, rms_norm(h, w.layer(i, "post_attention_layernorm.weight"), cfg.rms_norm_eps))
     return final_logits(w, h), torch.stack(new_k), torch.stack(new_v)
 

@@ -50,7 +50,7 @@ class FakeOpenAIServer:
         return f"http://{host}:{port}"
 
     def start(self) -> FakeOpenAIServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 

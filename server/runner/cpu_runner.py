@@ -34,10 +34,13 @@ class CpuRunner:
         self.batch_buckets = tuple(manifest.buckets["batch"])
         self.kv_buckets = tuple(manifest.buckets["kv"])
         self.eos_token_ids = tuple(self.model.eos_token_ids)
-        shape = (self.model.num_layers, self.num_slots, self.model.num_kv_heads, self.max_model_len,
-                 self.model.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=DTYPES[manifest.dtype])
-        self.v_cache = torch.zeros(shape, dtype=DTYPES[manifest.dtype])
+        m = self.model
+        dtype = DTYPES[manifest.dtype]
+        # keys transposed ([.., head_dim, max_len]): see compile/model.py
+        self.k_cache = torch.zeros(m.num_layers, self.num_slots, m.num_kv_heads, m.head_dim, self.max_model_len,
+                                   dtype=dtype)
+        self.v_cache = torch.zeros(m.num_layers, self.num_slots, m.num_kv_heads, self.max_model_len, m.head_dim,
+                                   dtype=dtype)
 
     def _run(self, kind: str, name: str, real: int, computed: int, *inputs):
         start = time.perf_counter()
@@ -61,7 +64,7 @@ class CpuRunner:
         ids[:n] = torch.as_tensor(token_ids, dtype=torch.int64)
         (logits, new_k, new_v), run = self._run(
             kind, name, n, seq_len, ids, torch.tensor(start_pos), torch.tensor(n - 1), *extra)
-        self.k_cache[:, slot, :, start_pos:start_pos + n] = new_k[:, :, :n]
+        self.k_cache[:, slot, :, :, start_pos:start_pos + n] = new_k[:, :, :n].transpose(2, 3)
         self.v_cache[:, slot, :, start_pos:start_pos + n] = new_v[:, :, :n]
         return RunnerOutput(logits=logits, run=run)
 
@@ -74,18 +77,18 @@ class CpuRunner:
         ids[:n] = torch.as_tensor(token_ids, dtype=torch.int64)
         pos[:n] = torch.as_tensor(positions, dtype=torch.int64)
         # NOTE: slots 0..batch-1 as a view: no gather copy of the cache (DESIGN.md).
-        k_span = self.k_cache[:, :batch, :, :span]
+        k_span = self.k_cache[:, :batch, :, :, :span]
         v_span = self.v_cache[:, :batch, :, :span]
         (logits, new_k, new_v), run = self._run(
             "decode", f"decode_b{batch}_k{span}", n, batch, ids, pos, k_span, v_span)
         rows, at = torch.arange(n), pos[:n]
-        self.k_cache[:, rows, :, at] = new_k[:, :n].permute(1, 0, 2, 3)
+        self.k_cache[:, rows, :, :, at] = new_k[:, :n].permute(1, 0, 2, 3)
         self.v_cache[:, rows, :, at] = new_v[:, :n].permute(1, 0, 2, 3)
         return RunnerOutput(logits=logits[:n], run=run)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if src != dst and length > 0:
-            self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+            self.k_cache[:, dst, :, :, :length] = self.k_cache[:, src, :, :, :length]
             self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
     def warmup(self) -> None:

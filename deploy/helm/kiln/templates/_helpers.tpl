@@ -46,6 +46,12 @@ app.kubernetes.io/component: server
 8000
 {{- end }}
 
+{{/* After the drain, uvicorn waits this long for open connections before exiting
+     (GRACEFUL_SHUTDOWN_SECONDS in server/__main__.py); part of the shutdown budget. */}}
+{{- define "kiln.serverCloseSeconds" -}}
+5
+{{- end }}
+
 {{/* The one metric both autoscalers read (server/metrics.py exports it, label model_name). */}}
 {{- define "kiln.autoscalingMetric" -}}
 kiln:num_requests_waiting
@@ -94,6 +100,13 @@ sum({{ include "kiln.autoscalingMetric" . }}{namespace="{{ .Release.Namespace }}
 {{- toYaml $res }}
 {{- end }}
 
+{{/* Startup can take startupProbe's whole budget; only then may the rollout count as stuck. */}}
+{{- define "kiln.progressDeadlineSeconds" -}}
+{{- $p := .Values.probes.startup }}
+{{- $threshold := eq .Values.artifact.source "compile" | ternary .Values.artifact.compile.startupFailureThreshold $p.failureThreshold }}
+{{- add (mul (int $threshold) (int $p.periodSeconds)) 600 }}
+{{- end }}
+
 {{- define "kiln.affinity" -}}
 {{- $aff := deepCopy .Values.affinity }}
 {{- if and .Values.neuron.enabled .Values.neuron.instanceTypes (not (hasKey $aff "nodeAffinity")) }}
@@ -131,10 +144,10 @@ sum({{ include "kiln.autoscalingMetric" . }}{namespace="{{ .Release.Namespace }}
 {{- if and (eq $v.artifact.source "pvc") (not $v.artifact.pvc.claimName) }}
 {{- fail "artifact.source=pvc needs artifact.pvc.claimName (an existing PersistentVolumeClaim)" }}
 {{- end }}
-{{- $drain := float64 $v.server.drainTimeout }}
-{{- $sleep := float64 $v.preStopSleepSeconds }}
-{{- if le (float64 $v.terminationGracePeriodSeconds) (addf $drain $sleep) }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed server.drainTimeout (%v) + preStopSleepSeconds (%v), or Kubernetes kills the server mid-drain" $v.terminationGracePeriodSeconds $v.server.drainTimeout $v.preStopSleepSeconds) }}
+{{- $close := include "kiln.serverCloseSeconds" . | float64 }}
+{{- $needed := addf (float64 $v.server.drainTimeout) (float64 $v.preStopSleepSeconds) $close }}
+{{- if le (float64 $v.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed server.drainTimeout (%v) + preStopSleepSeconds (%v) + %v s for the server to close connections, or Kubernetes kills the server mid-drain" $v.terminationGracePeriodSeconds $v.server.drainTimeout $v.preStopSleepSeconds $close) }}
 {{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}

@@ -1,0 +1,169 @@
+"""CLI of the serving benchmark.
+
+    python -m loadtest.bench [run] --base-url http://127.0.0.1:8000 [--model NAME] [options]
+    python -m loadtest.bench compare --target kiln=http://127.0.0.1:8000 --target llamacpp=http://127.0.0.1:8001
+    python -m loadtest.bench plot RESULT_DIR        # redraw plots and table from *-sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench.config import (
+    BenchConfig, Target, normalize_base_url, parse_concurrency, parse_goodput, parse_rates, parse_target,
+)
+from loadtest.bench.dataset import load_tokenizer, sample_random_requests
+from loadtest.bench.report import format_result, markdown_report, safe_name, write_json
+from loadtest.bench.runner import BenchError, run_target
+
+DEFAULT_CONCURRENCY = "1,4,16,32"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model name to send (default: the first id of GET /v1/models)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--no-stream", action="store_true", help="non-streamed requests (TTFT = E2EL; no TPOT/ITL)")
+    p.add_argument("--dataset-name", choices=("random",), default="random")
+    p.add_argument("--input-len", "--random-input-len", type=int, default=256, help="prompt tokens")
+    p.add_argument("--output-len", "--random-output-len", type=int, default=128, help="max_tokens")
+    p.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [L*(1-r), L*(1+r)]")
+    p.add_argument("--num-prompts", type=int, default=100, help="requests per sweep point")
+    p.add_argument("--concurrency", "--max-concurrency", default=None,
+                   help=f"client concurrency limit(s), comma-separated; 'inf' for none "
+                        f"(default {DEFAULT_CONCURRENCY}, or inf with --request-rate)")
+    p.add_argument("--request-rate", default="inf", help="request rate(s) in req/s, comma-separated; inf: all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="send ignore_eos (vLLM extra field) to get exactly max_tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
+    p.add_argument("--metric-percentiles", default="50,90,99")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer token (default $OPENAI_API_KEY)")
+    p.add_argument("--extra-body", default="{}", help="JSON merged into every request body")
+    p.add_argument("--tokenizer", help="local Hugging Face tokenizer folder: make prompts exactly --input-len tokens")
+    p.add_argument("--no-warmup", action="store_true", help="skip the initial test request")
+    p.add_argument("--result-dir", type=Path, default=None, help="write JSON, PNG plots and a markdown table here")
+    p.add_argument("--save-detailed", action="store_true", help="keep per-request timings in the JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="benchmark one server")
+    run.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    run.add_argument("--label", default="server", help="name of this target in files and plots")
+    _add_common(run)
+    compare = sub.add_parser("compare", help="the same sweep against several servers, one after another")
+    compare.add_argument("--target", action="append", required=True, metavar="NAME=URL", help="repeat per server")
+    _add_common(compare)
+    plot = sub.add_parser("plot", help="redraw plots and comparison.md from the *-sweep.json in a folder")
+    plot.add_argument("result_dir", type=Path)
+    plot.add_argument("--metric-percentiles", default="50,90,99")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    rates = parse_rates(args.request_rate)
+    default_conc = "inf" if any(math.isfinite(r) for r in rates) else DEFAULT_CONCURRENCY
+    return BenchConfig(
+        endpoint=args.endpoint, stream=not args.no_stream, input_len=args.input_len, output_len=args.output_len,
+        range_ratio=args.range_ratio, num_prompts=args.num_prompts,
+        concurrencies=parse_concurrency(args.concurrency or default_conc), request_rates=rates,
+        burstiness=args.burstiness, seed=args.seed, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        goodput_ms=parse_goodput(args.goodput), percentiles=_percentiles(args.metric_percentiles),
+        timeout_s=args.timeout, api_key=args.api_key, extra_body=_extra_body(args.extra_body),
+        tokenizer=args.tokenizer, warmup=not args.no_warmup, result_dir=args.result_dir,
+        save_detailed=args.save_detailed,
+    )
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _extra_body(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    return value
+
+
+async def bench(targets: list[Target], cfg: BenchConfig, compare: bool) -> dict[str, list[dict[str, Any]]]:
+    """Run every target in turn, print each point, write files; returns results by target name."""
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    requests = sample_random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.range_ratio,
+                                      cfg.seed, tokenizer)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for target in targets:
+        print(f"benchmarking {target.name} at {target.base_url} ...", flush=True)
+        results[target.name] = await run_target(
+            target, cfg, requests, on_point=lambda r: print(format_result(r, cfg.percentiles), flush=True))
+        if cfg.result_dir:
+            write_json(results[target.name], cfg.result_dir, target.name)
+    if cfg.result_dir:
+        write_outputs(results, cfg.sweep_axis, cfg.percentiles, cfg.result_dir, "comparison" if compare else None)
+    return results
+
+
+def write_outputs(results: dict[str, list[dict[str, Any]]], axis: str, percentiles: tuple[float, ...],
+                  out_dir: Path, prefix: str | None) -> None:
+    """Plots (PREFIX-*.png) and a markdown page (PREFIX.md); PREFIX defaults to the one target's name."""
+    from loadtest.bench.plots import plot_all  # NOTE: lazy: matplotlib is slow to import
+
+    prefix = prefix or safe_name(next(iter(results)))
+    images = plot_all(results, axis, percentiles, out_dir, prefix)
+    page = markdown_report(results, percentiles, [p.name for p in images])
+    (out_dir / f"{prefix}.md").write_text(page)
+    print(f"wrote {out_dir / (prefix + '.md')} and {', '.join(p.name for p in images)}")
+
+
+def replot(result_dir: Path, percentiles: tuple[float, ...]) -> None:
+    sweeps = sorted(result_dir.glob("*-sweep.json"))
+    if not sweeps:
+        raise ValueError(f"no *-sweep.json in {result_dir}")
+    results = {json.loads(p.read_text())[0]["label"]: json.loads(p.read_text()) for p in sweeps}
+    axis = next(iter(results.values()))[0].get("sweep_axis", "concurrency")
+    write_outputs(results, axis, percentiles, result_dir, "comparison" if len(results) > 1 else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("run", "compare", "plot", "-h", "--help"):
+        argv.insert(0, "run")  # `python -m loadtest.bench --base-url ...` means run
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "plot":
+            replot(args.result_dir, _percentiles(args.metric_percentiles))
+            return 0
+        cfg = build_config(args)
+        if args.command == "run":
+            targets = [Target(safe_name(args.label), normalize_base_url(args.base_url), args.model)]
+        else:
+            targets = [parse_target(t) for t in args.target]
+            targets = [Target(t.name, t.base_url, args.model) for t in targets]
+            if len({t.name for t in targets}) != len(targets):
+                raise ValueError("--target names must be distinct")
+        results = asyncio.run(bench(targets, cfg, compare=args.command == "compare"))
+    except (ValueError, BenchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, BenchError) else 2
+    failed = sum(r["failed"] for rs in results.values() for r in rs)
+    return 1 if failed and not any(r["completed"] for rs in results.values() for r in rs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

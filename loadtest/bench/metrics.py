@@ -1,0 +1,122 @@
+"""Statistics of one benchmark run, defined as in `vllm bench serve`.
+
+- TTFT and E2EL: over successful requests. TPOT: (E2EL - TTFT) / (output_tokens - 1) over
+  successful requests with more than one output token. ITL: every gap of every successful request.
+- Percentiles interpolate linearly between order statistics (numpy's default); std is the
+  population standard deviation. All latencies are reported in milliseconds.
+- Goodput: successful requests that meet every given SLO, per second of benchmark duration. A
+  request with one output token has TPOT 0 for this purpose (as in vLLM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loadtest.openai_api import RequestTiming
+
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+@dataclass
+class RequestRecord:
+    """One request of a run: its timing, when it was sent (seconds after the run began), its intent."""
+
+    timing: RequestTiming
+    start_offset: float
+    prompt_len: int
+    output_len: int
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """q-th percentile (0..100) with linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def percentile_key(q: float) -> str:
+    """50 -> 'p50', 99.9 -> 'p99.9' (vLLM's naming)."""
+    return f"p{int(q)}" if float(q).is_integer() else f"p{q}"
+
+
+def summarize_ms(values_s: Sequence[float], percentiles: Sequence[float]) -> dict[str, float | None]:
+    """mean, median, std and the given percentiles of seconds, in milliseconds."""
+    if not values_s:
+        out: dict[str, float | None] = {"mean": None, "median": None, "std": None}
+        out.update({percentile_key(q): None for q in percentiles})
+        return out
+    ms = [v * 1000.0 for v in values_s]
+    mean = sum(ms) / len(ms)
+    out = {"mean": mean, "median": percentile(ms, 50), "std": math.sqrt(sum((v - mean) ** 2 for v in ms) / len(ms))}
+    out.update({percentile_key(q): percentile(ms, q) for q in percentiles})
+    return out
+
+
+def is_good(timing: RequestTiming, slos_ms: Mapping[str, float]) -> bool:
+    """Whether a successful request meets every SLO (ttft/tpot/e2el, in ms)."""
+    if not timing.ok:
+        return False
+    values = {
+        "ttft": timing.ttft if timing.ttft is not None else timing.latency,
+        "tpot": timing.tpot or 0.0,
+        "e2el": timing.latency,
+    }
+    return all(values[name] * 1000.0 <= slo for name, slo in slos_ms.items())
+
+
+def peak_output_throughput(records: Sequence[RequestRecord]) -> float:
+    """Most output tokens seen within any one-second window bucket (tok/s), from chunk arrivals."""
+    buckets: Counter[int] = Counter()
+    for r in records:
+        if r.timing.ok:
+            for t in r.timing.token_times:
+                buckets[int(r.start_offset + t)] += 1
+    return float(max(buckets.values(), default=0))
+
+
+def compute_metrics(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    percentiles: Sequence[float] = (50, 90, 99),
+    goodput_ms: Mapping[str, float] | None = None,
+    streamed: bool = True,
+) -> dict[str, Any]:
+    """The result dict of one run (keys follow vLLM's result JSON where one exists)."""
+    ok = [r for r in records if r.timing.ok]
+    failed = [r for r in records if not r.timing.ok]
+    timings = [r.timing for r in ok]
+    input_tokens = sum(t.prompt_tokens if t.prompt_tokens is not None else r.prompt_len for r, t in zip(ok, timings))
+    output_tokens = sum(t.output_tokens for t in timings)
+    dur = max(duration_s, 1e-9)
+    series = {
+        "ttft": [t.ttft if t.ttft is not None else t.latency for t in timings],
+        "tpot": [t.tpot for t in timings if t.tpot is not None] if streamed else [],
+        "itl": [gap for t in timings for gap in t.itls] if streamed else [],
+        "e2el": [t.latency for t in timings],
+    }
+    result: dict[str, Any] = {
+        "completed": len(ok),
+        "failed": len(failed),
+        "duration": duration_s,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(ok) / dur,
+        "request_goodput": sum(is_good(t, goodput_ms) for t in timings) / dur if goodput_ms else None,
+        "output_throughput": output_tokens / dur,
+        "total_token_throughput": (input_tokens + output_tokens) / dur,
+        "peak_output_throughput": peak_output_throughput(ok) if streamed else None,
+        "output_tokens_from_usage": sum(t.tokens_from_usage for t in timings),
+        "errors": dict(Counter(r.timing.error for r in failed).most_common(5)),
+    }
+    for name in LATENCY_METRICS:
+        for stat, value in summarize_ms(series[name], percentiles).items():
+            result[f"{stat}_{name}_ms"] = value
+    return result

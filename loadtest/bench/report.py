@@ -1,0 +1,128 @@
+"""Text, JSON and markdown output of benchmark results."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench.metrics import percentile_key
+from loadtest.openai_api import ENDPOINT_PATHS
+
+_TITLES = {
+    "ttft": "Time to First Token",
+    "tpot": "Time per Output Token (excl. 1st token)",
+    "itl": "Inter-token Latency",
+    "e2el": "End-to-end Latency",
+}
+
+
+def point_name(result: Mapping[str, Any]) -> str:
+    """'c4-rinf' (concurrency 4, all at once), 'cinf-r2.5' (no limit, 2.5 req/s)."""
+    conc, rate = result["concurrency"], result["request_rate"]
+    return f"c{conc or 'inf'}-r{'inf' if rate is None else format(rate, 'g')}"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_result(result: Mapping[str, Any], percentiles: Sequence[float]) -> str:
+    """The block `vllm bench serve` prints, for one sweep point."""
+    rate = result["request_rate"]
+    head = (f" {result['label']} | concurrency {result['concurrency'] or 'unlimited'} | "
+            f"rate {rate if rate else 'inf'} req/s ")
+    lines = [f"{head:=^60}"]
+
+    def row(name: str, value: Any) -> None:
+        lines.append(f"{name:<44}{_fmt(value):>16}")
+
+    row("Successful requests:", result["completed"])
+    row("Failed requests:", result["failed"])
+    row("Maximum request concurrency:", result["concurrency"] or "unlimited")
+    row("Benchmark duration (s):", result["duration"])
+    row("Total input tokens:", result["total_input_tokens"])
+    row("Total generated tokens:", result["total_output_tokens"])
+    row("Request throughput (req/s):", result["request_throughput"])
+    if result["request_goodput"] is not None:
+        row("Request goodput (req/s):", result["request_goodput"])
+    row("Output token throughput (tok/s):", result["output_throughput"])
+    row("Peak output token throughput (tok/s):", result["peak_output_throughput"])
+    row("Peak concurrent requests:", result["max_concurrent_requests"])
+    row("Total token throughput (tok/s):", result["total_token_throughput"])
+    for metric, title in _TITLES.items():
+        lines.append(f"{title:-^60}")
+        name = metric.upper()
+        row(f"Mean {name} (ms):", result[f"mean_{metric}_ms"])
+        row(f"Median {name} (ms):", result[f"median_{metric}_ms"])
+        for q in percentiles:
+            if q == 50:
+                continue  # the median, printed above
+            key = percentile_key(q)
+            row(f"{key.upper()} {name} (ms):", result[f"{key}_{metric}_ms"])
+    for error, count in result["errors"].items():
+        lines.append(f"error x{count}: {error}")
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def write_json(results: Sequence[Mapping[str, Any]], out_dir: Path, label: str) -> list[Path]:
+    """One JSON per sweep point (LABEL-POINT.json) plus LABEL-sweep.json with all of them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for result in results:
+        path = out_dir / f"{safe_name(label)}-{point_name(result)}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        paths.append(path)
+    sweep = out_dir / f"{safe_name(label)}-sweep.json"
+    sweep.write_text(json.dumps(list(results), indent=2) + "\n")
+    return [*paths, sweep]
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "run"
+
+
+def markdown_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]], percentiles: Sequence[float]) -> str:
+    """One row per (target, sweep point): throughput, median and tail latencies, failures."""
+    tail = percentile_key(max(percentiles))
+    header = ["target", "concurrency", "rate (req/s)", "ok", "failed", "req/s", "output tok/s", "total tok/s",
+              "goodput (req/s)", "TTFT p50 (ms)", f"TTFT {tail}", "TPOT p50 (ms)", f"TPOT {tail}",
+              "ITL p50 (ms)", f"ITL {tail}", "E2EL p50 (ms)", f"E2EL {tail}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, results in results_by_target.items():
+        for r in results:
+            cells = [label, r["concurrency"] or "unlimited", r["request_rate"] or "inf", r["completed"], r["failed"],
+                     r["request_throughput"], r["output_throughput"], r["total_token_throughput"],
+                     r["request_goodput"]]
+            for metric in ("ttft", "tpot", "itl", "e2el"):
+                cells += [r[f"median_{metric}_ms"], r[f"{tail}_{metric}_ms"]]
+            lines.append("| " + " | ".join(_fmt(c, 1) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(
+    results_by_target: Mapping[str, Sequence[Mapping[str, Any]]], percentiles: Sequence[float], images: Sequence[str]
+) -> str:
+    """A markdown page: the settings, the table, the plots."""
+    first = next((rs[0] for rs in results_by_target.values() if rs), None)
+    lines = ["# Serving benchmark", ""]
+    if first:
+        lines += [
+            f"- date: {first['date']}; endpoint: {ENDPOINT_PATHS[first['endpoint']]} "
+            f"({'streamed' if first['stream'] else 'not streamed'})",
+            f"- random dataset: {first['num_prompts']} prompts per point, input {first['input_len']} / output "
+            f"{first['output_len']} tokens (range ratio {first['range_ratio']}), ignore_eos {first['ignore_eos']}, "
+            f"temperature {first['temperature']}, seed {first['seed']}",
+            f"- goodput SLOs (ms): {first['goodput_slos_ms'] or 'none'}",
+            "- targets: " + ", ".join(
+                f"{k} = {v[0]['base_url']} ({v[0]['model']})" for k, v in results_by_target.items() if v),
+            "",
+        ]
+    lines += [markdown_table(results_by_target, percentiles), ""]
+    lines += [f"![{Path(image).stem}]({image})" for image in images]
+    return "\n".join(lines) + "\n"

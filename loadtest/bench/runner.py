@@ -1,0 +1,145 @@
+"""Send the dataset to one target at each sweep point and collect the results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+from loadtest.bench.client import discover_model, make_client, send_request
+from loadtest.bench.config import BenchConfig, SweepPoint, Target
+from loadtest.bench.dataset import BenchRequest
+from loadtest.bench.metrics import RequestRecord, compute_metrics
+from loadtest.openai_api import build_body
+
+
+class BenchError(RuntimeError):
+    """The target cannot be benchmarked (unreachable, no model, initial request failed)."""
+
+
+def arrival_offsets(num: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
+    """When each request is due, in seconds after the start (vLLM's gamma arrivals).
+
+    Gaps are Gamma(shape=burstiness, scale=1/(rate*burstiness)): mean 1/rate; burstiness 1 is a
+    Poisson process, below 1 burstier, above 1 more regular. An infinite rate sends all at once.
+    """
+    if math.isinf(request_rate):
+        return [0.0] * num
+    rng = random.Random(seed)
+    scale = 1.0 / (request_rate * burstiness)
+    offsets, t = [], 0.0
+    for _ in range(num):
+        offsets.append(t)
+        t += rng.gammavariate(burstiness, scale)
+    return offsets
+
+
+async def _due(offsets: Sequence[float], start: float) -> AsyncIterator[int]:
+    for i, offset in enumerate(offsets):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i
+
+
+async def run_point(
+    client: httpx.AsyncClient, model: str, cfg: BenchConfig, requests: Sequence[BenchRequest], point: SweepPoint
+) -> tuple[list[RequestRecord], float, int]:
+    """Run the whole dataset at one point; returns (records, duration_s, max requests in flight)."""
+    limit = asyncio.Semaphore(point.concurrency) if point.concurrency else None
+    in_flight = peak = 0
+
+    async def one(req: BenchRequest, start: float) -> RequestRecord:
+        nonlocal in_flight, peak
+        async with limit if limit else contextlib.nullcontext():
+            in_flight += 1
+            peak = max(peak, in_flight)
+            sent = time.perf_counter() - start
+            timing = await send_request(client, cfg.endpoint, _body(cfg, model, req))
+            in_flight -= 1
+            return RequestRecord(timing, sent, req.prompt_len, req.output_len)
+
+    offsets = arrival_offsets(len(requests), point.request_rate, cfg.burstiness, cfg.seed)
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(one(requests[i], start)) async for i in _due(offsets, start)]
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - start, peak
+
+
+def _body(cfg: BenchConfig, model: str, req: BenchRequest, max_tokens: int | None = None) -> dict[str, Any]:
+    return build_body(
+        cfg.endpoint, model, req.prompt, max_tokens or req.output_len, stream=cfg.stream,
+        temperature=cfg.temperature, ignore_eos=cfg.ignore_eos, extra=cfg.extra_body,
+    )
+
+
+async def run_target(
+    target: Target,
+    cfg: BenchConfig,
+    requests: Sequence[BenchRequest],
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every sweep point against one target, in order; one result dict per point."""
+    widest = max((p.concurrency or len(requests) for p in cfg.points), default=1)
+    async with make_client(target.base_url, cfg.api_key, cfg.timeout_s, max(widest, 1)) as client:
+        try:
+            model = target.model or await discover_model(client)
+        except RuntimeError as e:
+            raise BenchError(f"{target.name}: {e}") from None
+        if cfg.warmup:
+            first = requests[0]
+            timing = await send_request(client, cfg.endpoint, _body(cfg, model, first, min(16, first.output_len)))
+            if not timing.ok:
+                raise BenchError(f"{target.name}: initial test request to {target.base_url} failed: {timing.error}")
+        results = []
+        for point in cfg.points:
+            records, duration, peak = await run_point(client, model, cfg, requests, point)
+            metrics = compute_metrics(records, duration, cfg.percentiles, cfg.goodput_ms, cfg.stream)
+            metrics["max_concurrent_requests"] = peak
+            result = _result(target, model, cfg, point, metrics, records)
+            results.append(result)
+            if on_point:
+                on_point(result)
+    return results
+
+
+def _result(
+    target: Target, model: str, cfg: BenchConfig, point: SweepPoint, metrics: dict[str, Any],
+    records: Sequence[RequestRecord],
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "label": target.name,
+        "base_url": target.base_url,
+        "model": model,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "endpoint": cfg.endpoint,
+        "stream": cfg.stream,
+        "sweep_axis": cfg.sweep_axis,
+        "concurrency": point.concurrency,  # null: no client-side limit
+        "request_rate": point.request_rate if math.isfinite(point.request_rate) else None,  # null: inf
+        "burstiness": cfg.burstiness,
+        "num_prompts": cfg.num_prompts,
+        "input_len": cfg.input_len,
+        "output_len": cfg.output_len,
+        "range_ratio": cfg.range_ratio,
+        "ignore_eos": cfg.ignore_eos,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "goodput_slos_ms": dict(cfg.goodput_ms),
+        **metrics,
+    }
+    if cfg.save_detailed:
+        result["requests"] = [
+            {"start_offset": r.start_offset, "prompt_len": r.prompt_len, "output_len": r.output_len,
+             **{k: v for k, v in asdict(r.timing).items() if k != "token_times"}}
+            for r in records
+        ]
+    return result
