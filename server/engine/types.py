@@ -21,6 +21,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the server answers 429/503 with Retry-After."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running (failed or shut down); the server answers 503."""
+
+
 class RequestTooLongError(ValueError):
     """Prompt (plus at least one generated token) does not fit in max_model_len."""
 

@@ -1,0 +1,79 @@
+"""EngineConfig: the engine's settings, validated once against the runner it drives."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+LOGPROBS_MODES = ("raw", "processed")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Continuous-batching limits. `None` means "take it from the runner" (see `resolve`).
+
+    - max_num_seqs: sequences holding a KV slot at once (an n>1 request holds n);
+      default min(runner.num_slots, largest batch bucket).
+    - max_num_queued_reqs: bound on the waiting queue; add_request beyond it raises QueueFullError.
+    - max_model_len: positions per sequence (prompt + output); default runner.max_model_len.
+    - max_prefill_tokens_per_step: prefill budget of one step, counted in *padded* positions
+      (the context bucket each chunk runs at); default the largest context bucket. Prompts
+      longer than the largest bucket that fits in it are prefilled in chunks of that bucket.
+    - max_prefills_while_decoding: prefill chunks allowed in a step that also decodes. With
+      the default 1 a decode waits behind at most one chunk (bounded inter-token latency) and
+      a waiting prompt gets a chunk every step (bounded time to first token).
+    - logprobs_mode: "raw" (log-softmax of the model's logits before penalties, temperature,
+      top-k/top-p/min-p: vLLM v1's default `raw_logprobs`, what OpenAI reports) or "processed"
+      (log-softmax of the distribution actually sampled from).
+    """
+
+    max_num_seqs: Optional[int] = None
+    max_num_queued_reqs: int = 256
+    max_model_len: Optional[int] = None
+    max_prefill_tokens_per_step: Optional[int] = None
+    max_prefills_while_decoding: int = 1
+    logprobs_mode: str = "raw"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_queued_reqs": self.max_num_queued_reqs,
+            "max_model_len": self.max_model_len,
+            "max_prefill_tokens_per_step": self.max_prefill_tokens_per_step,
+            "max_prefills_while_decoding": self.max_prefills_while_decoding,
+        }
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"EngineConfig.logprobs_mode must be one of {LOGPROBS_MODES}, "
+                             f"got {self.logprobs_mode!r}")
+
+    def resolve(self, runner) -> "EngineConfig":
+        """Fill the `None` fields from `runner` and check every limit against it."""
+        if not runner.context_buckets or not runner.batch_buckets:
+            raise ValueError("runner has no context or batch buckets")
+        max_batch = max(runner.batch_buckets)
+        max_num_seqs = self.max_num_seqs or min(runner.num_slots, max_batch)
+        max_model_len = self.max_model_len or runner.max_model_len
+        max_prefill = self.max_prefill_tokens_per_step or max(runner.context_buckets)
+        if max_num_seqs > runner.num_slots:
+            raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the runner's "
+                             f"{runner.num_slots} KV slots")
+        if max_num_seqs > max_batch:
+            raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the largest batch bucket "
+                             f"{max_batch}")
+        if max_model_len > runner.max_model_len:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the runner's "
+                             f"{runner.max_model_len}")
+        if max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        if max_prefill < min(runner.context_buckets):
+            raise ValueError(f"max_prefill_tokens_per_step={max_prefill} is below the smallest "
+                             f"context bucket {min(runner.context_buckets)}")
+        return dataclasses.replace(self, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                   max_prefill_tokens_per_step=max_prefill)
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.max_num_seqs, self.max_model_len, self.max_prefill_tokens_per_step)
