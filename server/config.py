@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from server.engine.config import EngineConfig
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LOG_FORMATS = ("text", "json")
 
@@ -59,7 +61,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     served_model_name: Optional[str] = None
     max_num_seqs: Optional[int] = None          # None: every compiled KV slot
-    max_num_queued_reqs: Optional[int] = None   # None: unbounded waiting queue
+    max_num_queued_reqs: int = EngineConfig.max_num_queued_reqs
     allowed_origins: tuple[str, ...] = ("*",)
     drain_timeout: float = 30.0
     log_format: str = "text"
@@ -70,8 +72,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
-            raise ConfigError(f"--max-num-queued-reqs must be non-negative, got {self.max_num_queued_reqs}")
+        if self.max_num_queued_reqs < 1:
+            raise ConfigError(f"--max-num-queued-reqs must be at least 1, got {self.max_num_queued_reqs}")
         if self.drain_timeout < 0:
             raise ConfigError(f"--drain-timeout must be non-negative, got {self.drain_timeout}")
         if self.log_format not in LOG_FORMATS:
@@ -88,11 +90,12 @@ _FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
     ("--port", int, "PORT", "port to bind"),
     ("--api-key", str, "KEY", "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
      "(/health, /ready, /metrics and /version stay open)"),
-    ("--served-model-name", str, "NAME", "model name in the API (default: the artifact's checkpoint name)"),
+    ("--served-model-name", str, "NAME", "model name in the API (default: the checkpoint name recorded "
+     "in the artifact)"),
     ("--max-num-seqs", int, "N", "sequences decoded together, at most the artifact's compiled KV slots "
      "(default: all of them)"),
     ("--max-num-queued-reqs", int, "N", "requests allowed to wait for a slot; beyond it the server answers "
-     "429 with Retry-After (default: unbounded)"),
+     "429 with Retry-After"),
     ("--allowed-origins", _origins, "ORIGINS", "CORS origins: '*', a comma-separated list or a JSON list"),
     ("--drain-timeout", float, "SECONDS", "on SIGTERM, how long requests in flight may run before they "
      "are aborted"),
@@ -106,24 +109,24 @@ def env_name(flag: str) -> str:
 
 
 def _show_default(value: object) -> str:
-    if value is None:
-        return "none"
     if isinstance(value, tuple):
         return ",".join(value)
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        return str(Path("~") / value.relative_to(Path.home()))
     return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a Kiln artifact over an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ready, "
-                    "/metrics, /version).")
+        description="Serve a Kiln artifact over an OpenAI-compatible HTTP API:\n"
+                    "  /v1/completions /v1/chat/completions /v1/models /tokenize /detokenize\n"
+                    "  /health /ready /metrics /version")
     defaults = ServerConfig.__dataclass_fields__
     for flag, kind, metavar, help_text in _FLAGS:
         field = flag.lstrip("-").replace("-", "_")
-        default = _show_default(defaults[field].default)
-        extra = f" [env {env_name(flag)}" + ("]" if field == "artifact" else f"; default {default}]")
+        default = defaults[field].default
+        extra = f" [env {env_name(flag)}" + ("]" if default is None else f"; default {_show_default(default)}]")
         choices = LOG_FORMATS if field == "log_format" else None
         parser.add_argument(flag, type=kind, metavar=metavar if choices is None else None, choices=choices,
                             default=None, help=help_text + extra)

@@ -17,6 +17,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
                0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
                            20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 GRAPH_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
                          1.28, 2.56, 5.12, 10.24)
 
@@ -64,6 +65,14 @@ class Metrics:
         self.graph_execution_seconds = histogram(
             "graph_execution_seconds", "Wall time of one bucket graph execution.",
             GRAPH_SECONDS_BUCKETS, ["kind", "bucket"])
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request (all n choices).",
+            TOKEN_COUNT_BUCKETS)
+        self.num_requests_rejected = counter(
+            "num_requests_rejected", "Requests refused before admission: queue_full (429) or draining (503).",
+            ["reason"])
         self._real = 0
         self._padded = 0
 
@@ -83,6 +92,14 @@ class Metrics:
         if self._real + self._padded:
             self.padding_waste_ratio.labels(name).set(self._padded / (self._real + self._padded))
 
+    def observe_engine(self, num_running: int, num_waiting: int) -> None:
+        """Refresh the queue gauges from the engine itself (e.g. at scrape time, when idle)."""
+        self.num_requests_running.labels(self.model_name).set(num_running)
+        self.num_requests_waiting.labels(self.model_name).set(num_waiting)
+
+    def observe_rejected(self, reason: str) -> None:
+        self.num_requests_rejected.labels(self.model_name, reason).inc()
+
     def observe_token_gap(self, seconds: float) -> None:
         self.inter_token_latency.labels(self.model_name).observe(seconds)
 
@@ -91,6 +108,8 @@ class Metrics:
         self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
         self.generation_tokens.labels(name).inc(stats.num_generation_tokens)
         self.request_success.labels(name, stats.finish_reason.value).inc()
+        self.request_prompt_tokens.labels(name).observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.labels(name).observe(stats.num_generation_tokens)
         if t.first_token is not None:
             self.time_to_first_token.labels(name).observe(t.first_token - t.arrival)
         if t.finished is not None:

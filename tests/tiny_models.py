@@ -49,3 +49,19 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+def greedy_through_runner(runner, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Prefill (in chunks past the largest bucket) into slot 1, then decode in slot 0."""
+    big, pos = runner.context_buckets[-1], 0
+    for start in range(0, len(prompt), big):
+        out = runner.prefill(1, prompt[start:start + big], pos)
+        pos += len(prompt[start:start + big])
+    first_logits = out.logits[0]
+    runner.copy_slot(1, 0, pos)
+    tokens = [int(first_logits.argmax())]
+    while len(tokens) < new_tokens:
+        step = runner.decode([tokens[-1]], [pos])
+        pos += 1
+        tokens.append(int(step.logits[0].argmax()))
+    return tokens, first_logits

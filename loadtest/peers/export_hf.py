@@ -19,15 +19,20 @@ def gguf_path() -> Path:
 
 
 def export(out: Path) -> None:
+    """transformers refuses to save a model it loaded from a GGUF, so write the folder from
+    Kiln's own checkpoint reader: the dequantized weights under their HF names."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
 
-    path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    from compile.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint("smollm2-135m-instruct", torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    ckpt.hf_config.architectures = [ckpt.config.architecture]
+    ckpt.hf_config.save_pretrained(out)
+    weights = {k: v for k, v in ckpt.weights.items() if k != "rope.inv_freq"}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    ckpt.tokenizer.save_pretrained(str(out))
     print(f"wrote {out}")
 
 

@@ -85,6 +85,11 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     err = errors[0]
     kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
     param = _param(tuple(err.get("loc", ())))
+    cause = (err.get("ctx") or {}).get("error")
+    if hasattr(cause, "code"):  # protocol.FieldError
+        if cause.param:
+            param = f"{param}.{cause.param}" if param else cause.param
+        return bad_request(str(cause), param=param, code=cause.code)
     if kind == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}",
                            code="invalid_json")
@@ -95,7 +100,10 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
         return bad_request("A JSON request body is required.", code="invalid_json")
     if kind == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "model_attributes_type" and param is None and isinstance(err.get("input"), (bytes, str)):
+        return bad_request("Request body must be JSON, sent with 'Content-Type: application/json'.",
+                           code="invalid_json")
     if kind == "model_attributes_type":
         return bad_request(f"{param or 'Request body'} must be a JSON object.", param=param, code="invalid_type")
     msg = msg.removeprefix("Value error, ")
-    return bad_request(f"{param}: {msg}" if param else msg, param=param)
+    return bad_request(f"{param}: {msg}" if param and param not in msg else msg, param=param)

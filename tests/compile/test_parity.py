@@ -7,7 +7,7 @@ import torch
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
-from tiny_models import make_tiny_checkpoint
+from tiny_models import greedy_through_runner, make_tiny_checkpoint
 
 PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2), kv_buckets=(32, 64, 128),
                        max_num_seqs=2, max_model_len=128)
@@ -24,22 +24,6 @@ VARIANTS = {
     "qwen2-bias-tied": ("qwen2", {}),
     "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False)),
 }
-
-
-def greedy_through_runner(runner, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Prefill (in chunks past the largest bucket) into slot 1, then decode in slot 0."""
-    big, pos = runner.context_buckets[-1], 0
-    for start in range(0, len(prompt), big):
-        out = runner.prefill(1, prompt[start:start + big], pos)
-        pos += len(prompt[start:start + big])
-    first_logits = out.logits[0]
-    runner.copy_slot(1, 0, pos)
-    tokens = [int(first_logits.argmax())]
-    while len(tokens) < new_tokens:
-        step = runner.decode([tokens[-1]], [pos])
-        pos += 1
-        tokens.append(int(step.logits[0].argmax()))
-    return tokens, first_logits
 
 
 def hf_reference(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:

@@ -9,8 +9,7 @@ import torch
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
-from test_parity import greedy_through_runner
-from tiny_models import smollm2_gguf_path
+from tiny_models import greedy_through_runner, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 PROMPTS = [

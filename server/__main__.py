@@ -1,0 +1,91 @@
+"""`python -m server`: load (or first compile) an artifact and serve it over the OpenAI API."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from compile.manifest import MANIFEST_NAME, ArtifactError, Manifest
+from server.config import DEFAULT_MODEL, ServerConfig, build_parser, config_from_args
+from server.logs import configure_logging
+
+logger = logging.getLogger("kiln.server")
+
+# After the drain, how long uvicorn waits for connections still open before cancelling them.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+class StartupError(RuntimeError):
+    """A one-line reason the server cannot start (printed as `error: ...`, exit 1)."""
+
+
+def ensure_default_artifact(cache_dir: Path) -> Path:
+    """`<cache_dir>/<default model>`, compiled by `python -m compile` the first time."""
+    out = cache_dir / DEFAULT_MODEL
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    cmd = [sys.executable, "-m", "compile", "--checkpoint", DEFAULT_MODEL, "--target", "cpu", "--out", str(out)]
+    logger.info("no --artifact given: compiling %s for cpu into %s (once): %s", DEFAULT_MODEL, out, " ".join(cmd))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    returncode = subprocess.run(cmd).returncode        # inherits stdout/stderr: the progress bar shows
+    if returncode != 0:
+        raise StartupError(f"compiling the default model failed (exit {returncode}): {' '.join(cmd)}")
+    return out
+
+
+def default_model_name(manifest: Manifest, artifact: Path) -> str:
+    """The checkpoint's name as given to compile (its last path part), else the folder's."""
+    checkpoint = str(manifest.source.get("checkpoint") or "").rstrip("/")
+    name = Path(checkpoint).name.removesuffix(".gguf") if checkpoint else ""
+    return name or artifact.resolve().name
+
+
+def build_app(config: ServerConfig):
+    """Load the artifact and wire metrics, engine and app; raises ArtifactError / StartupError."""
+    from server.runner.artifact import load_artifact
+    artifact = config.artifact or ensure_default_artifact(config.cache_dir)
+    loaded = load_artifact(artifact)
+
+    from server.api.app import create_app
+    from server.api.serving import ModelInfo
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.config import EngineConfig
+    from server.metrics import Metrics
+    name = config.served_model_name or default_model_name(loaded.manifest, artifact)
+    metrics = Metrics(name)
+    try:
+        engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_queued_reqs=config.max_num_queued_reqs)
+        engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics)
+    except ValueError as e:
+        raise StartupError(f"{e} (artifact {artifact})") from None
+    model = ModelInfo(name=name, max_model_len=engine.config.max_model_len, vocab_size=loaded.runner.vocab_size,
+                      root=str(artifact))
+    logger.info("serving %s from %s (%s, %s; max_num_seqs=%d, max_model_len=%d, max_num_queued_reqs=%d)",
+                name, artifact, loaded.manifest.target, loaded.manifest.dtype, engine.config.max_num_seqs,
+                engine.config.max_model_len, engine.config.max_num_queued_reqs)
+    return create_app(engine, loaded.tokenizer, model, metrics, api_key=config.api_key,
+                      allowed_origins=config.allowed_origins, warmup=getattr(loaded.runner, "warmup", None))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config = config_from_args(argv, parser=build_parser())
+    configure_logging(config.log_format)
+    try:
+        app = build_app(config)
+    except (ArtifactError, StartupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from server.api.lifecycle import DrainingServer
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    DrainingServer(uv_config, app.state.server, config.drain_timeout).run()
+    return 1 if app.state.server.startup_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
