@@ -180,12 +180,13 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
     cfg = w.cfg
     s = input_ids.shape[0]
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    positions = start_pos + torch.arange(s, dtype=torch.int64)
+    # NOTE: index tensors made on the inputs' device: a traced graph (XLA, Neuron) cannot mix in CPU tensors.
+    positions = start_pos + torch.arange(s, dtype=torch.int64, device=input_ids.device)
     cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [S, 1, D]
     mask = key_mask(cfg, positions[None, :], positions[:, None])    # [S, S]
     if past_k is not None:
-        past_pos = torch.arange(past_k.shape[3], dtype=torch.int64)
+        past_pos = torch.arange(past_k.shape[3], dtype=torch.int64, device=input_ids.device)
         past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None])
         mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
     h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [S, hidden]
@@ -228,7 +229,7 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     scale = 1.0 / math.sqrt(cfg.head_dim)
     cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [B, 1, D]
-    key_pos = torch.arange(span, dtype=torch.int64)
+    key_pos = torch.arange(span, dtype=torch.int64, device=input_ids.device)
     cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None])
     cached = cached[:, None, None, :]                               # [B, 1, 1, K]
     h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [B, hidden]

@@ -177,8 +177,9 @@ class NeuronRunner:
             kind, name = "prefill_chunk", f"prefill_chunk_s{seq_len}_p{self.max_model_len}"
         ids = torch.zeros(seq_len, dtype=torch.int64)
         ids[:n] = torch.as_tensor(token_ids, dtype=torch.int64)
-        logits, run = self._run(kind, name, n, seq_len, ids, torch.tensor(start_pos, dtype=torch.int64),
-                                torch.tensor(n - 1, dtype=torch.int64), torch.tensor(slot, dtype=torch.int64))
+        # start_pos, last_index, slot as [1] tensors, the traced shapes (compile/neuron/graphs.py)
+        scalars = (torch.tensor([v], dtype=torch.int64) for v in (start_pos, n - 1, slot))
+        logits, run = self._run(kind, name, n, seq_len, ids, *scalars)
         return RunnerOutput(logits=logits, run=run)
 
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:

@@ -23,7 +23,7 @@ PROMPTS = [
 def smollm2_float32(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "f32"
     cfg = CompileConfig(checkpoint="smollm2-135m-instruct", dtype="float32", context_buckets=(32,),
-                        batch_buckets=(1,), kv_buckets=(64,), max_num_seqs=1, max_model_len=64)
+                        batch_buckets=(1, 2), kv_buckets=(64,), max_num_seqs=2, max_model_len=64)
     build_artifact(cfg, out, progress=False)
     return load_artifact(out)
 

@@ -1,0 +1,51 @@
+"""Neuron facts Kiln relies on (sources: shared/reference/NEURON.md) and the compiler arguments.
+
+Everything here is plain data so --dry-run, the compile path and the tests agree on one copy.
+"""
+from __future__ import annotations
+
+import shlex
+
+from compile.config import CompileConfig, ConfigError
+from compile.model import ModelConfig
+
+# NEURON.md §1 "Traps": Inf2 {1,2,4,8,24}, Trn1 {1,2,8,16,32} (NxDI api-guide).
+# NOTE: NEURON.md lists no set for Trn2; Kiln accepts powers of two up to the 64 logical cores of a
+# trn2.48xlarge at LNC=2 (§2). Unconfirmed: widen or narrow it once a Trn2 compile says otherwise.
+SUPPORTED_TP = {"inf2": (1, 2, 4, 8, 24), "trn1": (1, 2, 8, 16, 32), "trn2": (1, 2, 4, 8, 16, 32, 64)}
+# NEURON.md §2: NxDI uses LNC=1 on Inf2/Trn1 and LNC=2 (the default) on Trn2.
+LNC = {"inf2": 1, "trn1": 1, "trn2": 2}
+# NEURON.md §2: HBM per NeuronCore (Trn2 at LNC=2).
+HBM_PER_CORE_GIB = {"inf2": 16, "trn1": 16, "trn2": 24}
+# NxDI's decoder flags (NEURON.md §1.4, NXDI model_wrapper.py); tiling factor 2 is NxDI's default.
+TENSORIZER_OPTIONS = "--enable-ccop-compute-overlap --cc-pipeline-tiling-factor=2 --vectorize-strided-dma"
+
+
+def opt_level(kind: str) -> str:
+    """-O1 for context encoding (prefill) graphs, -O2 for token generation (decode) graphs."""
+    return "-O2" if kind == "decode" else "-O1"
+
+
+def compiler_args(kind: str, neuron_target: str) -> list[str]:
+    """neuronx-cc arguments for one graph kind. --target is required with cpu_backend=True (§1.1)."""
+    return ["--target", neuron_target, "--auto-cast=none", "--model-type=transformer",
+            f"--tensorizer-options={TENSORIZER_OPTIONS}", f"--lnc={LNC[neuron_target]}", opt_level(kind)]
+
+
+def compiler_args_str(kind: str, neuron_target: str) -> str:
+    """The same arguments as one shell-quoted string (ModelBuilder.compile takes str or {tag: str})."""
+    return shlex.join(compiler_args(kind, neuron_target))
+
+
+def check_tp(cfg: CompileConfig, model: ModelConfig) -> None:
+    """Refuse a TP degree the target does not support or the model cannot be split by (one line)."""
+    tp, target = cfg.tp_degree, cfg.neuron_target
+    supported = SUPPORTED_TP[target]
+    if tp not in supported:
+        raise ConfigError(f"--tp-degree {tp} is not supported on {target} "
+                          f"(supported: {', '.join(map(str, supported))})")
+    for what, n in (("attention heads", model.num_heads), ("KV heads", model.num_kv_heads),
+                    ("intermediate size", model.intermediate_size), ("vocab size", model.vocab_size)):
+        if n % tp:
+            raise ConfigError(f"--tp-degree {tp} does not divide the model's {what} ({n}); "
+                              f"pick a degree that divides {model.num_heads} heads and {model.num_kv_heads} KV heads")
