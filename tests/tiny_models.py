@@ -65,3 +65,15 @@ def greedy_through_runner(runner, prompt: list[int], new_tokens: int) -> tuple[l
         pos += 1
         tokens.append(int(step.logits[0].argmax()))
     return tokens, first_logits
+
+
+def hf_reference(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Plain greedy for exactly new_tokens: no eos stop and no eos masking (min_new_tokens would
+    mask eos logits, which our unmasked argmax would not)."""
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        logits = model(ids).logits[0, -1]
+    return gen[0, len(prompt):].tolist(), logits

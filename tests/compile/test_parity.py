@@ -7,7 +7,7 @@ import torch
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
-from tiny_models import greedy_through_runner, make_tiny_checkpoint
+from tiny_models import greedy_through_runner, hf_reference, make_tiny_checkpoint
 
 PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2), kv_buckets=(32, 64, 128),
                        max_num_seqs=2, max_model_len=128)
@@ -24,15 +24,6 @@ VARIANTS = {
     "qwen2-bias-tied": ("qwen2", {}),
     "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False)),
 }
-
-
-def hf_reference(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        logits = model(ids).logits[0, -1]
-    return gen[0, len(prompt):].tolist(), logits
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -9,7 +9,7 @@ import torch
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
-from tiny_models import greedy_through_runner, smollm2_gguf_path
+from tiny_models import greedy_through_runner, hf_reference, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 PROMPTS = [
@@ -36,11 +36,7 @@ def test_greedy_parity_with_transformers_gguf(smollm2_float32):
     for text in PROMPTS:
         prompt = tok(text)["input_ids"]
         ours, our_logits = greedy_through_runner(smollm2_float32.runner, prompt, 32)
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-            ref_logits = hf(ids).logits[0, -1]
+        ref, ref_logits = hf_reference(hf, prompt, 32)
         assert ours == ref, f"{text!r}: {tok.decode(ours)!r} != {tok.decode(ref)!r}"
         assert ((our_logits - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-4
 
