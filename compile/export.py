@@ -17,7 +17,7 @@ from compile import __version__
 from compile.buckets import plan_graphs
 from compile.checkpoint import files_sha256, load_checkpoint, resolve
 from compile.config import CompileConfig
-from compile.manifest import FORMAT_VERSION, MANIFEST_NAME, ArtifactError, Manifest, list_files
+from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
 from compile.model import weight_names
 
 WEIGHTS_FILE = "weights/model.safetensors"
@@ -40,7 +40,8 @@ def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
         from compile import neuron_target
         toolchain = {"neuron": neuron_target.toolchain_versions()}
     blob = json.dumps({"config": cfg.to_dict() | {"checkpoint": None}, "source": source_sha256,
-                       "kiln": __version__, "torch": torch.__version__, "format": FORMAT_VERSION, **toolchain},
+                       "kiln": __version__, "graph_abi": GRAPH_ABI, "torch": torch.__version__,
+                       "format": FORMAT_VERSION, **toolchain},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -68,7 +69,8 @@ def existing_artifact(out: Path, key: str) -> Manifest | None:
 def versions(cfg: CompileConfig) -> dict:
     import torch
     import transformers
-    found = {"kiln": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    found = {"kiln": __version__, "graph_abi": GRAPH_ABI, "torch": torch.__version__,
+             "transformers": transformers.__version__}
     if cfg.target == "neuron":
         from compile import neuron_target
         found.update(neuron_target.toolchain_versions())

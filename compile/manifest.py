@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
+# The graphs' calling convention (inputs, outputs, KV cache layout). Bump it whenever
+# compile/model.py changes what a bucket graph takes or returns: an artifact built for another
+# ABI would pass its checksums and then fail (or compute garbage) at warm-up.
+GRAPH_ABI = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -64,6 +68,12 @@ class Manifest:
             return cls(**raw)
         except TypeError as e:
             raise ArtifactError(f"{path}: malformed manifest ({e})") from None
+
+    def check_graph_abi(self, artifact_dir: Path) -> None:
+        found = self.versions.get("graph_abi")
+        if found != GRAPH_ABI:
+            raise ArtifactError(f"{Path(artifact_dir) / MANIFEST_NAME}: graph_abi expected {GRAPH_ABI}, found {found} "
+                                f"(built by another Kiln version); recompile the artifact")
 
     def verify_files(self, artifact_dir: Path, checksums: bool = True) -> None:
         """Every listed file exists with its size and (optionally) sha256; nothing is unlisted."""

@@ -23,10 +23,17 @@ class StartupError(RuntimeError):
 
 def ensure_default_artifact(cache_dir: Path) -> Path:
     """`<cache_dir>/<default model>`, compiled by `python -m compile` the first time."""
+    from compile.manifest import ArtifactError
+    from server.runner.artifact import verify_artifact
     out = cache_dir / DEFAULT_MODEL
-    if (out / MANIFEST_NAME).is_file():
-        return out
     cmd = [sys.executable, "-m", "compile", "--checkpoint", DEFAULT_MODEL, "--target", "cpu", "--out", str(out)]
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            verify_artifact(out, checksums=False)  # load_artifact verifies checksums right after
+            return out
+        except ArtifactError as e:  # e.g. built by another Kiln or torch version: our cache, rebuild it
+            logger.warning("cached default artifact is unusable (%s); recompiling", e)
+            cmd.append("--force")
     logger.info("no --artifact given: compiling %s for cpu into %s (once): %s", DEFAULT_MODEL, out, " ".join(cmd))
     cache_dir.mkdir(parents=True, exist_ok=True)
     returncode = subprocess.run(cmd).returncode        # inherits stdout/stderr: the progress bar shows

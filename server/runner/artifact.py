@@ -39,6 +39,7 @@ def verify_artifact(path: Path | str, checksums: bool = True) -> Manifest:
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact folder")
     manifest = Manifest.read(path)
+    manifest.check_graph_abi(path)
     check_target(manifest, path)
     manifest.verify_files(path, checksums=checksums)
     return manifest

@@ -97,6 +97,14 @@ def test_neuron_artifact_on_a_host_without_torch_neuronx_is_refused(artifact_cop
     assert "torch-neuronx" in refused(artifact_copy)
 
 
+def test_artifact_of_another_graph_abi_is_refused(artifact_copy):
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["versions"]["graph_abi"] = 1
+    path.write_text(json.dumps(raw))
+    assert "graph_abi expected 2, found 1" in refused(artifact_copy)
+
+
 def test_torch_version_mismatch_is_refused(artifact_copy):
     path = artifact_copy / "manifest.json"
     raw = json.loads(path.read_text())

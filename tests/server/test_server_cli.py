@@ -102,14 +102,15 @@ def test_max_num_seqs_above_the_compiled_slots_is_an_error(tiny_artifact):
     assert out.stderr.strip().splitlines()[-1].startswith("error: max_num_seqs=64 exceeds")
 
 
-def test_default_model_is_compiled_once(tmp_path, monkeypatch):
+def test_default_model_is_compiled_once(tmp_path, monkeypatch, tiny_artifact):
+    import shutil
     calls = []
 
-    def fake_run(cmd):
+    def fake_run(cmd):  # stands in for `python -m compile`: writes a valid artifact
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True)
-        (out / "manifest.json").write_text("{}")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tiny_artifact, out)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(server_main.subprocess, "run", fake_run)
@@ -117,8 +118,14 @@ def test_default_model_is_compiled_once(tmp_path, monkeypatch):
     first = server_main.ensure_default_artifact(cache)
     second = server_main.ensure_default_artifact(cache)
     assert first == second == cache / "smollm2-135m-instruct"
-    assert calls == [[sys.executable, "-m", "compile", "--checkpoint", "smollm2-135m-instruct", "--target", "cpu",
-                      "--out", str(first)]]
+    compile_cmd = [sys.executable, "-m", "compile", "--checkpoint", "smollm2-135m-instruct", "--target", "cpu",
+                   "--out", str(first)]
+    assert calls == [compile_cmd]
+    # a cached artifact from another Kiln (graph ABI) is rebuilt, not served or refused
+    manifest = first / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"graph_abi": 2', '"graph_abi": 1'))
+    assert server_main.ensure_default_artifact(cache) == first
+    assert calls == [compile_cmd, compile_cmd + ["--force"]]
 
 
 def test_failed_default_compile_is_a_startup_error(tmp_path, monkeypatch):
