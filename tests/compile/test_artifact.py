@@ -12,8 +12,8 @@ import pytest
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from compile.manifest import ArtifactError
-from conftest import TINY_ARTIFACT_SETTINGS
 from server.runner.artifact import load_artifact, verify_artifact
+from tiny_models import TINY_ARTIFACT_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
