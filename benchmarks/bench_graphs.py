@@ -50,7 +50,7 @@ def hf_decode_step(model, batch: int, span: int, dtype: torch.dtype):
     def step():
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache.crop(span)  # keep the span fixed across repeats
+            cache.crop(-1)  # drop the token just added: the span stays fixed across repeats
     return step
 
 
