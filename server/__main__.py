@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +51,7 @@ def default_model_name(manifest: Manifest, artifact: Path) -> str:
     return name or artifact.resolve().name
 
 
-def build_app(config: ServerConfig):
+def build_app(config: ServerConfig, loop_host=None):
     """Load the artifact and wire metrics, engine and app; raises ArtifactError / StartupError."""
     from server.runner.artifact import load_artifact
     artifact = config.artifact or ensure_default_artifact(config.cache_dir)
@@ -64,7 +66,7 @@ def build_app(config: ServerConfig):
     metrics = Metrics(name)
     try:
         engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_queued_reqs=config.max_num_queued_reqs)
-        engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics)
+        engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics, loop_host=loop_host)
     except ValueError as e:
         raise StartupError(f"{e} (artifact {artifact})") from None
     model = ModelInfo(name=name, max_model_len=engine.config.max_model_len, vocab_size=loaded.runner.vocab_size,
@@ -79,8 +81,10 @@ def build_app(config: ServerConfig):
 def main(argv: Optional[list[str]] = None) -> int:
     config = config_from_args(argv, parser=build_parser())
     configure_logging(config.log_format)
+    from server.engine.loop_host import MainThreadHost
+    host = MainThreadHost()
     try:
-        app = build_app(config)
+        app = build_app(config, loop_host=host)
     except (ArtifactError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -90,7 +94,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     from server.api.lifecycle import DrainingServer
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    DrainingServer(uv_config, app.state.server, config.drain_timeout).run()
+    server = DrainingServer(uv_config, app.state.server, config.drain_timeout)
+    # NOTE: the engine loop runs on this (main) thread, where the graphs run fastest
+    # (server/engine/loop_host.py); uvicorn runs on a helper thread, so its signal handling is ours.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    http = threading.Thread(target=server.run, name="kiln-http")
+    http.start()
+    host.serve(keep_going=http.is_alive)
+    http.join()
     return 1 if app.state.server.startup_error else 0
 
 

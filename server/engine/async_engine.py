@@ -55,8 +55,11 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, runner, tokenizer, config: Optional[EngineConfig] = None,
-                 observer: Optional[EngineObserver] = None):
+                 observer: Optional[EngineObserver] = None, loop_host=None):
+        """loop_host: where the engine loop runs (server.engine.loop_host.MainThreadHost);
+        None: a thread of its own."""
         self.engine = LLMEngine(runner, tokenizer, config, observer)
+        self._loop_host = loop_host
         self.config = self.engine.config
         self._cond = threading.Condition()
         self._new: list[tuple[str, list[int], SamplingParams]] = []
@@ -74,8 +77,11 @@ class AsyncEngine:
         if self._thread is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kiln-engine-loop", daemon=True)
-        self._thread.start()
+        if self._loop_host is not None:
+            self._thread = self._loop_host.start(self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name="kiln-engine-loop", daemon=True)
+            self._thread.start()
 
     async def shutdown(self) -> None:
         """Abort what is in flight (streams end with finish_reason "abort") and stop the loop."""
