@@ -72,7 +72,9 @@ async def _start(engine: EngineClient, state: ServerState, warmup: Optional[Call
     try:
         if warmup is not None:
             logger.info("warming up every bucket graph")
-            await asyncio.to_thread(warmup)
+            # on the thread that will run the graphs, if the engine says which (loop_host.py)
+            run_warmup = getattr(engine, "run_on_loop_thread", None)
+            await (run_warmup(warmup) if run_warmup is not None else asyncio.to_thread(warmup))
         await engine.start()
     except Exception as e:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("start-up failed")

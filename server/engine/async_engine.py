@@ -83,6 +83,18 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._run, name="kiln-engine-loop", daemon=True)
             self._thread.start()
 
+    async def run_on_loop_thread(self, fn) -> None:
+        """Run fn (e.g. the runner's warm-up) on the thread the engine loop will use, before start().
+
+        NOTE: torch work done on a helper thread that stays alive slowed the loop's graphs by 1.5x
+        afterwards (measured: SmolLM2 decode 27 -> 47 ms), so warm-up must not use a thread pool."""
+        if self._loop_host is None:
+            await asyncio.to_thread(fn)
+            return
+        job = self._loop_host.start(fn)
+        await asyncio.to_thread(job.join)
+        job.raise_error()
+
     async def shutdown(self) -> None:
         """Abort what is in flight (streams end with finish_reason "abort") and stop the loop."""
         with self._cond:

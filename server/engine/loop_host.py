@@ -18,12 +18,19 @@ class HostedLoop:
     def __init__(self, fn: Callable[[], None]):
         self._fn = fn
         self._done = threading.Event()
+        self._error: Optional[BaseException] = None
 
     def run(self) -> None:
         try:
             self._fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to whoever waits on it
+            self._error = e
         finally:
             self._done.set()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def is_alive(self) -> bool:
         return not self._done.is_set()
