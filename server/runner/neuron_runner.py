@@ -16,17 +16,14 @@ Nothing here has run on Neuron hardware; tests/neuron drive it against a recordi
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from compile.buckets import smallest_fitting
 from compile.manifest import ArtifactError, Manifest
-from compile.model import ModelConfig
 from compile.neuron import toolchain
-from server.engine.types import BucketRun
+from server.runner.bucketed import BucketedRunner
 from server.runner.interface import RunnerOutput
 
 CACHE_KEYS = ("cache_k", "cache_v")
@@ -142,71 +139,36 @@ class NxdGraphs:
                 self.model.write_to_neuron_buffer(t, key, rank)
 
 
-class NeuronRunner:
+class NeuronRunner(BucketedRunner):
     """ModelRunner for target neuron (see server/runner/interface.py for the contract)."""
 
     def __init__(self, manifest: Manifest, path: Path):
         path = Path(path)
-        self.model = ModelConfig.from_dict(manifest.model)
-        self.num_slots = manifest.max_num_seqs
-        self.max_model_len = manifest.max_model_len
-        self.vocab_size = self.model.vocab_size
-        self.context_buckets = tuple(manifest.buckets["context"])
-        self.batch_buckets = tuple(manifest.buckets["batch"])
-        self.kv_buckets = tuple(manifest.buckets["kv"])
-        self.eos_token_ids = tuple(self.model.eos_token_ids)
+        super().__init__(manifest)
         self.tp_degree = manifest.tp_degree
         self.cores = claim_cores(self.tp_degree)
         self.graphs = TracedGraphs(manifest, path) if self.tp_degree == 1 else NxdGraphs(manifest, path)
 
-    def _run(self, kind: str, name: str, real: int, computed: int, *inputs) -> tuple[torch.Tensor, BucketRun]:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.graphs.run(name, *inputs)
-        return logits, BucketRun(kind, name, real, computed - real, time.perf_counter() - start)
-
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
         n = len(token_ids)
-        if not 0 < n <= self.context_buckets[-1] or start_pos + n > self.max_model_len:
-            raise ValueError(f"prefill of {n} tokens at {start_pos} does not fit the buckets")
-        if start_pos == 0:
-            seq_len = smallest_fitting(self.context_buckets, n)
-            kind, name = "prefill", f"prefill_s{seq_len}"
-        else:
-            seq_len = self.context_buckets[-1]
-            kind, name = "prefill_chunk", f"prefill_chunk_s{seq_len}_p{self.max_model_len}"
-        ids = torch.zeros(seq_len, dtype=torch.int64)
-        ids[:n] = torch.as_tensor(token_ids, dtype=torch.int64)
+        kind, name, seq_len = self.prefill_graph(n, start_pos)
         # start_pos, last_index, slot as [1] tensors, the traced shapes (compile/neuron/graphs.py)
-        scalars = (torch.tensor([v], dtype=torch.int64) for v in (start_pos, n - 1, slot))
-        logits, run = self._run(kind, name, n, seq_len, ids, *scalars)
+        scalars = tuple(torch.tensor([v], dtype=torch.int64) for v in (start_pos, n - 1, slot))
+        ids = self.padded(token_ids, seq_len)
+        logits, run = self.timed(kind, name, n, seq_len, lambda: self.graphs.run(name, ids, *scalars))
         return RunnerOutput(logits=logits, run=run)
 
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:
         n = len(token_ids)
-        batch = smallest_fitting(self.batch_buckets, n)
-        span = smallest_fitting(self.kv_buckets, max(max(positions), 1))
-        ids = torch.zeros(batch, dtype=torch.int64)
+        name, batch, _ = self.decode_graph(n, positions)
         # NOTE: padding rows write their K/V at the last position, which no graph ever reads
         # (compile/neuron/graphs.py), so slots n..batch-1 keep whatever they hold.
-        pos = torch.full((batch,), self.max_model_len - 1, dtype=torch.int64)
-        ids[:n] = torch.as_tensor(token_ids, dtype=torch.int64)
-        pos[:n] = torch.as_tensor(positions, dtype=torch.int64)
-        logits, run = self._run("decode", f"decode_b{batch}_k{span}", n, batch, ids, pos)
+        ids = self.padded(token_ids, batch)
+        pos = self.padded(positions, batch, fill=self.max_model_len - 1)
+        logits, run = self.timed("decode", name, n, batch, lambda: self.graphs.run(name, ids, pos))
         return RunnerOutput(logits=logits[:n], run=run)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if src != dst and length > 0:
             with torch.inference_mode():  # the cache tensors came out of inference-mode calls
                 self.graphs.copy_slot(src, dst, length)
-
-    def warmup(self) -> None:
-        """Run every bucket graph once before reporting ready (NEURON.md §1.9). Cache contents left
-        behind are never read: every position is written before a graph attends to it."""
-        for s in self.context_buckets:
-            self.prefill(0, [0] * s, 0)
-        if self.max_model_len > self.context_buckets[-1]:
-            self.prefill(0, [0], self.max_model_len - 1)
-        for b in self.batch_buckets:
-            for k in self.kv_buckets:
-                self.decode([0] * b, [min(k, self.max_model_len - 1)] * b)
