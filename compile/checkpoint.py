@@ -32,7 +32,6 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     tokenizer: Any                    # transformers PreTrainedTokenizerBase
     source: str                       # what the user named
-    source_sha256: str
     hf_config: Any                    # transformers PretrainedConfig (for parity tests)
 
 
@@ -66,6 +65,15 @@ def files_sha256(paths: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def source_sha256(path_or_name: str) -> str:
+    """Hash of the files that identify a checkpoint: the .gguf, or a folder's safetensors and config."""
+    path = resolve(path_or_name)
+    if path.is_file():
+        return files_sha256([path])
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return files_sha256([f for f in files if f.exists()])
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
@@ -139,7 +147,7 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
         hf = AutoConfig.from_pretrained(folder, **kw)
         cfg = model_config_from_hf(hf)  # refuse unsupported architectures before dequantizing
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
-        state, sources = model.state_dict(), [path]
+        state = model.state_dict()
         del model
     elif path.is_dir():
         if not (path / "config.json").exists():
@@ -147,7 +155,7 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
         folder, kw = path, {}
         hf = AutoConfig.from_pretrained(folder)
         cfg = model_config_from_hf(hf)
-        state, sources = load_hf_weights(path)
+        state, _ = load_hf_weights(path)
     else:
         raise CheckpointError(f"{path} is neither a Hugging Face folder nor a .gguf file")
     try:
@@ -166,6 +174,4 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, first: {missing[0]}")
     weights = {n: state[n].to(torch.float32 if n == "rope.inv_freq" else dtype).contiguous()
                for n in weight_names(cfg)}
-    return Checkpoint(config=cfg, weights=weights, tokenizer=tokenizer, source=str(path_or_name),
-                      source_sha256=files_sha256(sources + [folder / "config.json"] if path.is_dir() else sources),
-                      hf_config=hf)
+    return Checkpoint(config=cfg, weights=weights, tokenizer=tokenizer, source=str(path_or_name), hf_config=hf)

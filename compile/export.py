@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compile import __version__
 from compile.buckets import plan_graphs
-from compile.checkpoint import files_sha256, load_checkpoint, resolve
+from compile.checkpoint import load_checkpoint, source_sha256
 from compile.config import CompileConfig
 from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
 from compile.model import weight_names
@@ -44,14 +44,6 @@ def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
                        "format": FORMAT_VERSION, **toolchain},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def source_hash(checkpoint: str) -> str:
-    path = resolve(checkpoint)
-    if path.is_file():
-        return files_sha256([path])
-    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
-    return files_sha256([f for f in files if f.exists()])
 
 
 def existing_artifact(out: Path, key: str) -> Manifest | None:
@@ -83,7 +75,8 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
     from tqdm import tqdm
 
     out = Path(out).resolve()
-    key = compile_key(cfg, source_hash(cfg.checkpoint))
+    source = source_sha256(cfg.checkpoint)  # hashed once: the compile key and the manifest
+    key = compile_key(cfg, source)
     found = existing_artifact(out, key)
     if found is not None and not force:
         return BuildResult(out=out, up_to_date=True, manifest=found)
@@ -129,7 +122,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             buckets={"context": list(cfg.context_buckets), "batch": list(cfg.batch_buckets), "kv": list(cfg.kv_buckets)},
             max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, graphs=graphs,
             weights=[*full_weights, *extra_weight_files], files=list_files(tmp),
-            source={"checkpoint": cfg.checkpoint, "sha256": ckpt.source_sha256},
+            source={"checkpoint": cfg.checkpoint, "sha256": source},
             versions=versions(cfg), compile_key=key, timings=timings,
             neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {})
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
