@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from compile.config import DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_TARGETS, TARGETS, CompileConfig, ConfigError
+from compile.config import (CPU_KERNELS, DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_TARGETS, TARGETS, CompileConfig,
+                            ConfigError)
 
 EPILOG = """examples:
   python -m compile --checkpoint smollm2-135m-instruct --target cpu --out artifacts/smollm2
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode attention spans (default powers of two from 128 up to max-model-len)")
     c.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots = largest decode batch (default 16)")
     c.add_argument("--max-model-len", type=int, default=2048, help="positions per sequence (default 2048)")
+    c.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
+                   help="cpu target: graphs with fused projections prepacked for oneDNN (cpu-onednn), or plain "
+                        "aten ops any CPU runs (portable); auto picks cpu-onednn where it works (default auto)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact built from other inputs")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     n = p.add_argument_group("neuron target")
@@ -70,7 +74,8 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
         checkpoint=args.checkpoint, target=args.target, dtype=args.dtype, context_buckets=context,
         batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs),
         kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len)),
-        max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree)
+        max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree,
+        cpu_kernels=args.cpu_kernels)
 
 
 def run_suggest(path: Path, num_buckets: int, max_len: int) -> int:

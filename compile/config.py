@@ -7,6 +7,7 @@ from typing import Optional
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("cpu", "neuron")
 NEURON_TARGETS = ("inf2", "trn1", "trn2")
+CPU_KERNELS = ("auto", "cpu-onednn", "portable")  # compile/cpu_kernels.py
 
 DEFAULT_CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -29,6 +30,7 @@ class CompileConfig:
     max_model_len: int = 2048
     neuron_target: Optional[str] = None
     tp_degree: int = 1
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         fail = ConfigError
@@ -55,6 +57,8 @@ class CompileConfig:
             raise fail("--tp-degree > 1 needs --target neuron")
         if self.tp_degree < 1:
             raise fail("--tp-degree must be at least 1")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise fail(f"--cpu-kernels must be one of {', '.join(CPU_KERNELS)}, got {self.cpu_kernels!r}")
 
     @property
     def needs_chunk_graph(self) -> bool:

@@ -18,7 +18,7 @@ from compile.buckets import plan_graphs
 from compile.checkpoint import load_checkpoint, source_sha256
 from compile.config import CompileConfig
 from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
-from compile.model import weight_names
+from compile.model import PORTABLE
 
 WEIGHTS_FILE = "weights/model.safetensors"
 
@@ -97,8 +97,13 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
     (tmp / "weights").mkdir()
     try:
         ckpt.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        names = weight_names(ckpt.config)
-        tensors = [ckpt.weights[n] for n in names]
+        variant = PORTABLE
+        if cfg.target == "cpu":
+            from compile.cpu_kernels import graph_weights, resolve_variant
+            variant = resolve_variant(cfg.cpu_kernels, dtype)
+            tensors = graph_weights(ckpt.config, ckpt.weights, variant)
+        else:
+            tensors = []  # neuron graphs carry no weights and are traced from the module tree
         extra_weight_files = backend.write_weights(cfg, ckpt, tmp) if hasattr(backend, "write_weights") else []
         # NOTE: a tp > 1 neuron artifact stores only its per-rank shards (the weights once, not twice).
         full_weights = [WEIGHTS_FILE] if getattr(backend, "keeps_full_weights", lambda c: True)(cfg) else []
@@ -110,7 +115,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         for spec in bar:
             bar.set_postfix_str(spec.name)
             start = time.perf_counter()
-            file_name = backend.compile_graph(spec, cfg, ckpt, tensors, tmp / "graphs")
+            file_name = backend.compile_graph(spec, cfg, ckpt, tensors, tmp / "graphs", variant)
             seconds = time.perf_counter() - start
             graphs.append(spec.to_dict() | {"file": f"graphs/{file_name}"})
             timings[spec.name] = round(seconds, 3)
@@ -124,7 +129,8 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             weights=[*full_weights, *extra_weight_files], files=list_files(tmp),
             source={"checkpoint": cfg.checkpoint, "sha256": source},
             versions=versions(cfg), compile_key=key, timings=timings,
-            neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {})
+            neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {},
+            graph_variant=variant)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         replace_dir(tmp, out)
     except BaseException:

@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 # The graphs' calling convention (inputs, outputs, KV cache layout). Bump it whenever
 # compile/model.py changes what a bucket graph takes or returns: an artifact built for another
 # ABI would pass its checksums and then fail (or compute garbage) at warm-up.
-GRAPH_ABI = 2
+GRAPH_ABI = 3
 MANIFEST_NAME = "manifest.json"
 
 
@@ -48,6 +48,7 @@ class Manifest:
     compile_key: str                  # hash of source + compile config; equal key = same artifact
     timings: dict[str, float] = field(default_factory=dict)
     neuron: dict[str, Any] = field(default_factory=dict)  # neuron target, lnc, compiler args
+    graph_variant: str = "portable"   # compile.model.GRAPH_VARIANTS: the weight list the graphs take
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"

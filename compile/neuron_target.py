@@ -50,8 +50,10 @@ def write_weights(cfg: CompileConfig, ckpt, tmp_dir: Path) -> list[str]:
     return write_rank_weights(cfg, ckpt.config, ckpt.weights, Path(tmp_dir))
 
 
-def compile_graph(spec: GraphSpec, cfg: CompileConfig, ckpt, weights_list, graphs_dir: Path) -> str:
-    """One bucket; returns its file name in graphs/. The weights never enter a graph (weights_list unused)."""
+def compile_graph(spec: GraphSpec, cfg: CompileConfig, ckpt, weights_list, graphs_dir: Path,
+                  variant: str = "portable") -> str:
+    """One bucket; returns its file name in graphs/. The weights never enter a graph (weights_list unused);
+    neuron graphs are always the portable variant (variant unused)."""
     if cfg.tp_degree == 1:
         from compile.neuron.trace import compile_graph as compile_one
     else:

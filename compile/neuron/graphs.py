@@ -61,15 +61,15 @@ def local_config(cfg: ModelConfig, tp_degree: int) -> ModelConfig:
     return replace(cfg, num_heads=cfg.num_heads // tp_degree, num_kv_heads=cfg.num_kv_heads // tp_degree)
 
 
-K_POS, V_POS = 4, 3  # the position axis of each cache (compile/model.py stores keys transposed)
+K_POS, V_POS = 3, 3  # the position axis of each cache
 
 
 def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int, tp_degree: int = 1) -> tuple[tuple, tuple]:
-    """k [L, slots, kv_heads, head_dim, max_len] and v [L, slots, kv_heads, max_len, head_dim]
-    (kv_heads per rank): the layout compile/model.py's spans use, so a graph slices, never transposes."""
+    """k and v [L, slots, kv_heads, max_len, head_dim] (kv_heads per rank): the layout compile/model.py's
+    spans use, so a graph slices, never transposes."""
     kv = cfg.num_kv_heads // tp_degree
-    return ((cfg.num_layers, num_slots, kv, cfg.head_dim, max_len),
-            (cfg.num_layers, num_slots, kv, max_len, cfg.head_dim))
+    shape = (cfg.num_layers, num_slots, kv, max_len, cfg.head_dim)
+    return shape, shape
 
 
 def write_prefill_kv(cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, start_pos: torch.Tensor,
@@ -184,18 +184,18 @@ class NeuronBucketGraph(nn.Module):
         w = TreeWeights(self.cfg, self, self.parallel)
         spec = self.spec
         if spec.kind == "decode":
-            k_span = self.cache_k[:, :spec.batch, :, :, :spec.kv_len]                  # [L, B, KV, D, K]
-            v_span = self.cache_v[:, :spec.batch, :, :spec.kv_len]                     # [L, B, KV, K, D]
+            k_span = self.cache_k[:, :spec.batch, :, :spec.kv_len]                     # [L, B, KV, K, D]
+            v_span = self.cache_v[:, :spec.batch, :, :spec.kv_len]
             logits, new_k, new_v = decode(w, input_ids, positions, k_span, v_span)   # new [L, B, KV, D]
             cache_k = write_decode_kv(self.cache_k, new_k, positions, K_POS)
             cache_v = write_decode_kv(self.cache_v, new_v, positions, V_POS)
         else:
             past = ()
             if spec.kind == "prefill_chunk":
-                past = (torch.index_select(self.cache_k, 1, slot.view(1))[:, 0, :, :, :spec.kv_len],
+                past = (torch.index_select(self.cache_k, 1, slot.view(1))[:, 0, :, :spec.kv_len],
                         torch.index_select(self.cache_v, 1, slot.view(1))[:, 0, :, :spec.kv_len])
             logits, new_k, new_v = prefill(w, input_ids, positions, last_index, *past)  # new [L, KV, S, D]
-            cache_k = write_prefill_kv(self.cache_k, new_k.transpose(2, 3), slot, positions, last_index, K_POS)
+            cache_k = write_prefill_kv(self.cache_k, new_k, slot, positions, last_index, K_POS)
             cache_v = write_prefill_kv(self.cache_v, new_v, slot, positions, last_index, V_POS)
         if self.tracer == TRACE:
             return logits, cache_k, cache_v

@@ -84,11 +84,11 @@ def graph_io(spec: GraphSpec, model: ModelConfig, cfg: CompileConfig, neuron: bo
         logits = shape_text([1, model.vocab_size])
     if not neuron:
         lkv, d, k = [model.num_layers, model.num_kv_heads], model.head_dim, spec.kv_len
-        if spec.kind == "decode":  # keys transposed (compile/model.py)
+        if spec.kind == "decode":
             lkv.insert(1, spec.batch)
-            inputs += f" k_span{shape_text(lkv + [d, k])} v_span{shape_text(lkv + [k, d])}"
+            inputs += f" k_span{shape_text(lkv + [k, d])} v_span{shape_text(lkv + [k, d])}"
         elif spec.kind == "prefill_chunk":
-            inputs += f" past_k{shape_text(lkv + [d, k])} past_v{shape_text(lkv + [k, d])}"
+            inputs += f" past_k{shape_text(lkv + [k, d])} past_v{shape_text(lkv + [k, d])}"
         return inputs, f"logits{logits} new_k new_v"
     if spec.kind != "decode":
         inputs += " slot[1]"
@@ -114,8 +114,8 @@ def describe_plan(cfg: CompileConfig) -> str:
                      + ("bound from weights/model.safetensors at load" if cfg.tp_degree == 1 else
                         f"sharded once per rank into {cfg.tp_degree} weights/tp_rank_XX.safetensors"))
         k_shape, v_shape = cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, cfg.tp_degree)
-        lines.append(f"KV cache per core: cache_k {shape_text(k_shape)} [layers, slots, kv heads, head_dim, positions], "
-                     f"cache_v {shape_text(v_shape)} [.., positions, head_dim]; updated inside each graph")
+        lines.append(f"KV cache per core: cache_k {shape_text(k_shape)} and cache_v {shape_text(v_shape)} "
+                     "[layers, slots, kv heads, positions, head_dim]; updated inside each graph")
     else:
         lines.append(f"target: cpu, dtype {cfg.dtype}, torch.export per bucket (weights are graph inputs)")
     lines.append(f"graphs ({len(specs)}):")

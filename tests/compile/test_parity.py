@@ -15,24 +15,28 @@ PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=
 PROMPT_LENGTHS = (5, 16, 17, 64, 65, 90)
 NEW_TOKENS = 24  # decode crosses the 32 and 64 KV bucket edges for most prompts
 
+LLAMA3_ROPE = dict(tie_word_embeddings=False, rope_parameters={
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+# (architecture, config overrides, --cpu-kernels): auto is cpu-onednn wherever oneDNN packs float32
 VARIANTS = {
-    "llama": ("llama", {}),
-    "llama3-rope-untied": ("llama", dict(tie_word_embeddings=False, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
-    "mistral-sliding-window": ("mistral", dict(sliding_window=24)),
-    "qwen2-bias-tied": ("qwen2", {}),
-    "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False)),
+    "llama": ("llama", {}, "auto"),
+    "llama-portable": ("llama", {}, "portable"),
+    "llama3-rope-untied": ("llama", LLAMA3_ROPE, "auto"),
+    "mistral-sliding-window": ("mistral", dict(sliding_window=24), "auto"),
+    "qwen2-bias-tied": ("qwen2", {}, "auto"),
+    "qwen2-bias-untied-portable": ("qwen2", dict(tie_word_embeddings=False), "portable"),
+    "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False), "auto"),
 }
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory, smollm2_tokenizer_dir):
     from transformers import AutoModelForCausalLM
-    arch, overrides = VARIANTS[request.param]
+    arch, overrides, kernels = VARIANTS[request.param]
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir, arch, **overrides)
     out = tmp_path_factory.mktemp("art") / request.param
-    build_artifact(CompileConfig(checkpoint=str(ckpt), **PARITY_SETTINGS), out, progress=False)
+    build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **PARITY_SETTINGS), out, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     return load_artifact(out).runner, hf
 

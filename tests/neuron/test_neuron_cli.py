@@ -40,7 +40,7 @@ def test_dry_run_prints_the_whole_plan_without_weights(tiny_llama_dir, capsys, m
     text = capsys.readouterr().out
     assert "tp 1, LNC 1" in text and "torch_neuronx.trace per bucket" in text
     assert "inline_weights_to_neff=False" in text
-    assert "cache_k [2,4,2,16,128]" in text and "cache_v [2,4,2,128,16]" in text
+    assert "cache_k [2,4,2,128,16] and cache_v [2,4,2,128,16]" in text
     assert "graphs (12):" in text
     assert "prefill_s16 " in text and "in: input_ids[16] start_pos[1] last_index[1] slot[1]" in text
     assert "prefill_chunk_s64_p128" in text
@@ -56,7 +56,7 @@ def test_dry_run_tp2_shows_sharding_and_buffer_aliasing(tiny_llama_dir, capsys):
     text = capsys.readouterr().out
     assert "ModelBuilder (one tag per bucket, one NxDModel)" in text and "LNC 2" in text
     assert "sharded once per rank into 2 weights/tp_rank_XX.safetensors" in text
-    assert "cache_k [2,4,1,16,128]" in text and "buffers reassigned in forward" in text
+    assert "cache_k [2,4,1,128,16]" in text and "buffers reassigned in forward" in text
     assert "of 24 GiB" in text
 
 
@@ -70,8 +70,8 @@ def test_dry_run_refuses_an_indivisible_tp_in_one_line(tiny_llama_dir, capsys):
 def test_dry_run_of_the_cpu_target(tiny_llama_dir, capsys):
     assert main(["--checkpoint", str(tiny_llama_dir), "--dry-run", *TINY]) == 0
     text = capsys.readouterr().out
-    assert "target: cpu" in text and "k_span[2,4,2,16,64] v_span[2,4,2,64,16]" in text
-    assert "past_k[2,2,16,128] past_v[2,2,128,16]" in text and "compiler arguments" not in text
+    assert "target: cpu" in text and "k_span[2,4,2,64,16] v_span[2,4,2,64,16]" in text
+    assert "past_k[2,2,128,16] past_v[2,2,128,16]" in text and "compiler arguments" not in text
 
 
 def test_hbm_estimate_counts_sharded_weights_and_per_rank_cache(tiny_llama_dir):

@@ -30,7 +30,7 @@ def test_tp1_traces_each_bucket_once_with_weights_out_and_cache_aliased(
     traces = rec.of("torch_neuronx.trace")
     assert [t["spec"] for t in traces] == specs  # one trace per bucket, in plan order
     slots, max_len = neuron_settings["max_num_seqs"], neuron_settings["max_model_len"]
-    k_cache = [model.num_layers, slots, model.num_kv_heads, model.head_dim, max_len]
+    k_cache = [model.num_layers, slots, model.num_kv_heads, max_len, model.head_dim]
     v_cache = [model.num_layers, slots, model.num_kv_heads, max_len, model.head_dim]
     for spec, t in zip(specs, traces):
         if spec.kind == "decode":
@@ -87,7 +87,7 @@ def test_tp2_one_model_builder_tag_per_bucket_and_one_shard_per_rank(
     assert [t["tag"] for t in traces] == [s.name for s in specs]
     assert [t["spec"] for t in traces] == specs  # each tag traced the bucket it is named after
     slots, max_len = neuron_settings["max_num_seqs"], neuron_settings["max_model_len"]
-    local_k = [model.num_layers, slots, model.num_kv_heads // 2, model.head_dim, max_len]
+    local_k = [model.num_layers, slots, model.num_kv_heads // 2, max_len, model.head_dim]
     local_v = [model.num_layers, slots, model.num_kv_heads // 2, max_len, model.head_dim]
     for spec, t in zip(specs, traces):
         assert t["tp"] == 2

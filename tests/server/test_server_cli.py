@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import server.__main__ as server_main
+from compile.manifest import GRAPH_ABI
 from server.config import ServerConfig, config_from_args, env_name
 from server_harness import REPO_ROOT
 
@@ -123,7 +124,7 @@ def test_default_model_is_compiled_once(tmp_path, monkeypatch, tiny_artifact):
     assert calls == [compile_cmd]
     # a cached artifact from another Kiln (graph ABI) is rebuilt, not served or refused
     manifest = first / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"graph_abi": 2', '"graph_abi": 1'))
+    manifest.write_text(manifest.read_text().replace(f'"graph_abi": {GRAPH_ABI}', '"graph_abi": 1'))
     assert server_main.ensure_default_artifact(cache) == first
     assert calls == [compile_cmd, compile_cmd + ["--force"]]
 

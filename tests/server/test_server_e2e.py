@@ -195,7 +195,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_slot(server, http):
 def test_non_streaming_client_timeout_aborts_its_request(server):
     before = server.metrics()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.2,
+        # (the tiny model makes 120 steps of 4 rows in ~0.2 s: the read timeout must be well below that)
+        httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(5.0, read=0.03),
                    json={"prompt": PROMPT, "max_tokens": 120, "n": 4, "ignore_eos": True})
     aborted = wait_until(lambda: server.metrics().get("kiln:request_success_total", finished_reason="abort")
                          == before.get("kiln:request_success_total", finished_reason="abort") + 1, timeout=10)

@@ -58,7 +58,7 @@ class CpuReference:
 
     def __init__(self, weights):
         self.w = Weights(CFG, [weights[n] for n in weight_names(CFG)])
-        self.k = torch.zeros(CFG.num_layers, SLOTS, CFG.num_kv_heads, CFG.head_dim, MAX_LEN)
+        self.k = torch.zeros(CFG.num_layers, SLOTS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
         self.v = torch.zeros(CFG.num_layers, SLOTS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
 
     def prefill(self, slot, ids, start):
@@ -67,16 +67,16 @@ class CpuReference:
         x[:n] = torch.tensor(ids)
         past = (self.k[:, slot], self.v[:, slot]) if start else ()
         logits, nk, nv = prefill(self.w, x, torch.tensor(start), torch.tensor(n - 1), *past)
-        self.k[:, slot, :, :, start:start + n] = nk[:, :, :n].transpose(2, 3)
+        self.k[:, slot, :, start:start + n] = nk[:, :, :n]
         self.v[:, slot, :, start:start + n] = nv[:, :, :n]
         return logits
 
     def decode(self, ids, pos):
         b, span = len(ids), next(k for k in (32, 64) if k >= max(pos))
-        logits, nk, nv = decode(self.w, torch.tensor(ids), torch.tensor(pos), self.k[:, :b, :, :, :span],
+        logits, nk, nv = decode(self.w, torch.tensor(ids), torch.tensor(pos), self.k[:, :b, :, :span],
                                 self.v[:, :b, :, :span])
         rows, at = torch.arange(b), torch.tensor(pos)
-        self.k[:, rows, :, :, at] = nk.permute(1, 0, 2, 3)
+        self.k[:, rows, :, at] = nk.permute(1, 0, 2, 3)
         self.v[:, rows, :, at] = nv.permute(1, 0, 2, 3)
         return logits
 
