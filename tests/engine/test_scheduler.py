@@ -78,25 +78,16 @@ def test_long_prompt_is_chunked_at_the_largest_bucket():
     assert req.seqs[0].status is SequenceStatus.RUNNING and kv.num_decoding == 1
 
 
-def test_budget_allows_several_chunks_when_nothing_decodes():
-    sched, _, _ = make_scheduler(buckets=(8, 16), budget=56)
+@pytest.mark.parametrize("budget, short_fits", [(56, True), (48, False)])
+def test_budget_allows_several_chunks_when_nothing_decodes(budget, short_fits):
+    sched, _, _ = make_scheduler(buckets=(8, 16), budget=budget)
     sched.add(make_request("long", 40))
     sched.add(make_request("short", 3))
     out = sched.schedule()
-    # 16 + 16 + 16 (the 8-token tail runs on the chunk graph of the largest bucket) = 48 <= 56;
-    # the short prompt's bucket 8 fits too
-    assert [(c.seq.request.request_id, c.start_pos) for c in out.prefills] == [
-        ("long", 0), ("long", 16), ("long", 32), ("short", 0)]
-
-
-def test_later_chunks_are_charged_at_the_chunk_graph_size():
-    sched, _, _ = make_scheduler(buckets=(8, 16), budget=48)
-    sched.add(make_request("long", 40))
-    sched.add(make_request("short", 3))
-    out = sched.schedule()
-    # 16 + 16 + 16 = 48: the budget is spent, so the short prompt waits for the next step
-    assert [(c.seq.request.request_id, c.start_pos) for c in out.prefills] == [
-        ("long", 0), ("long", 16), ("long", 32)]
+    # 16 + 16 + 16 (the 8-token tail runs on the chunk graph of the largest bucket) = 48; the short
+    # prompt's bucket 8 fits in a budget of 56 and waits for the next step with 48
+    expected = [("long", 0), ("long", 16), ("long", 32)] + ([("short", 0)] if short_fits else [])
+    assert [(c.seq.request.request_id, c.start_pos) for c in out.prefills] == expected
 
 
 def test_one_prefill_chunk_per_step_while_decoding_and_decode_every_step():
