@@ -219,11 +219,11 @@ def test_graphs_called_flat_match_the_checked_exported_module(tiny_artifact):
     import gzip
     import io
 
+    from compile.buckets import GraphSpec
     from compile.cpu_target import example_inputs, load_graph
     loaded = load_artifact(tiny_artifact)
     runner, manifest = loaded.runner, loaded.manifest
     entry = next(g for g in manifest.graphs if g["kind"] == "decode" and g["batch"] == 2)
-    from compile.buckets import GraphSpec
     spec = GraphSpec(kind="decode", batch=2, kv_len=entry["kv_len"])
     inputs = list(example_inputs(spec, runner.model, torch.float32))
     inputs[0] = torch.tensor([3, 4])
