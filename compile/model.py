@@ -19,7 +19,7 @@ target, and any CPU). CPU_ONEDNN graphs, the cpu target's default where oneDNN i
 q/k/v and gate/up fused into one matrix each and every projection prepacked for oneDNN
 (compile/cpu_kernels.py builds that list at load time from the same stored weights): a decode
 step is bound by reading the weights, and packed, fused matmuls read them 1.3-1.5x faster. Its
-decode attention appends the new token's K/V to the span (appended_attention) where PORTABLE
+decode attention appends the new token's K/V to short spans (appended_attention) where PORTABLE
 graphs never copy the span (split_attention).
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
+# appended_attention copies each layer's span: up to this size that beats split_attention; past it
+# the copies cost more than they save (SmolLM2 at batch 16: 4x slower at span 2048, equal at 1024).
+APPEND_MAX_SPAN_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ def appended_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_spa
 
     NOTE: appending copies the span, which oneDNN's bf16 bmm does anyway (it takes only dense
     batches), and leaves half the ops of split_attention: 24.2 against 26.5 ms per SmolLM2 step at
-    batch 16, span 256.
+    batch 16, span 256. Used up to APPEND_MAX_SPAN_BYTES of span per layer.
     """
     keys = torch.cat((k_span, k[:, :, None, :]), dim=2)            # [B, KV, K+1, D]
     values = torch.cat((v_span, v[:, :, None, :]), dim=2)
@@ -330,7 +333,8 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     key_pos = torch.arange(span, dtype=torch.int64, device=input_ids.device)
     cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None])
     cached = cached[:, None, None, :]                               # [B, 1, 1, K]
-    if w.variant == CPU_ONEDNN:  # additive mask over the span and the new token appended after it
+    append = w.variant == CPU_ONEDNN and k_span[0].numel() * k_span.element_size() <= APPEND_MAX_SPAN_BYTES
+    if append:  # additive mask over the span and the new token appended after it
         own = torch.ones_like(cached[..., :1])
         cached = torch.where(torch.cat((cached, own), dim=-1), 0.0, MASK_VALUE)  # [B, 1, 1, K+1] float32
     h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [B, hidden]
@@ -341,7 +345,7 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
         new_k.append(k)
         new_v.append(v)
         qg = q.reshape(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        attend = appended_attention if w.variant == CPU_ONEDNN else split_attention
+        attend = appended_attention if append else split_attention
         attn = attend(qg, k, v, k_span[i], v_span[i], cached, scale)
         h = h + w.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), f"model.layers.{i}.self_attn.o_proj")
         h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import compile.model
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
@@ -18,9 +19,11 @@ NEW_TOKENS = 24  # decode crosses the 32 and 64 KV bucket edges for most prompts
 LLAMA3_ROPE = dict(tie_word_embeddings=False, rope_parameters={
     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-# (architecture, config overrides, --cpu-kernels): auto is cpu-onednn wherever oneDNN packs float32
+# (architecture, config overrides, --cpu-kernels): auto is cpu-onednn wherever oneDNN packs float32.
+# "-split" compiles cpu-onednn decode graphs with the attention that long spans use.
 VARIANTS = {
     "llama": ("llama", {}, "auto"),
+    "llama-split": ("llama", {}, "auto"),
     "llama-portable": ("llama", {}, "portable"),
     "llama3-rope-untied": ("llama", LLAMA3_ROPE, "auto"),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24), "auto"),
@@ -36,7 +39,10 @@ def variant(request, tmp_path_factory, smollm2_tokenizer_dir):
     arch, overrides, kernels = VARIANTS[request.param]
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir, arch, **overrides)
     out = tmp_path_factory.mktemp("art") / request.param
-    build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **PARITY_SETTINGS), out, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param.endswith("-split"):
+            patch.setattr(compile.model, "APPEND_MAX_SPAN_BYTES", 0)
+        build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **PARITY_SETTINGS), out, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     return load_artifact(out).runner, hf
 
