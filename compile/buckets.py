@@ -44,6 +44,12 @@ def smallest_fitting(buckets: tuple[int, ...] | list[int], n: int) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def prefill_length(context_buckets: tuple[int, ...] | list[int], n: int, start_pos: int) -> int:
+    """Positions a prefill of n prompt tokens starting at start_pos computes: a first chunk runs at
+    the smallest context bucket that holds it, a later chunk on the chunk graph of the largest."""
+    return smallest_fitting(context_buckets, n) if start_pos == 0 else context_buckets[-1]
+
+
 def padding_waste(lengths: list[int], buckets: list[int]) -> float:
     """Padded / computed positions when each length runs at its smallest fitting bucket."""
     computed = sum(smallest_fitting(buckets, n) for n in lengths)

@@ -121,7 +121,7 @@ def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv.float(), float(scaling)
 
 
-def load_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -135,7 +135,7 @@ def load_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
         if not shard.exists():
             raise CheckpointError(f"shard {shard.name} named in the index is missing from {folder}")
         state.update(load_file(str(shard)))
-    return state, shards
+    return state
 
 
 def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
@@ -155,7 +155,7 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
         folder, kw = path, {}
         hf = AutoConfig.from_pretrained(folder)
         cfg = model_config_from_hf(hf)
-        state, _ = load_hf_weights(path)
+        state = load_hf_weights(path)
     else:
         raise CheckpointError(f"{path} is neither a Hugging Face folder nor a .gguf file")
     try:

@@ -123,13 +123,10 @@ class Weights:
 
     def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
         self.cfg = cfg
-        self._by_name = dict(zip(weight_names(cfg), tensors))
+        self._by_name = dict(zip(graph_weight_names(cfg, self.variant), tensors))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._by_name[name]
-
-    def get(self, name: str) -> Optional[torch.Tensor]:
-        return self._by_name.get(name)
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -153,10 +150,6 @@ class OneDNNWeights(Weights):
     """The CPU_ONEDNN view: fused projections, prepacked for oneDNN, and the fused RMSNorm kernel."""
 
     variant = CPU_ONEDNN
-
-    def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
-        self.cfg = cfg
-        self._by_name = dict(zip(graph_weight_names(cfg, CPU_ONEDNN), tensors))
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return onednn_linear(x, self._by_name[name + ".weight"], self._by_name.get(name + ".bias"))

@@ -25,7 +25,6 @@ class StartupError(RuntimeError):
 
 def ensure_default_artifact(cache_dir: Path) -> Path:
     """`<cache_dir>/<default model>`, compiled by `python -m compile` the first time."""
-    from compile.manifest import ArtifactError
     from server.runner.artifact import verify_artifact
     out = cache_dir / DEFAULT_MODEL
     cmd = [sys.executable, "-m", "compile", "--checkpoint", DEFAULT_MODEL, "--target", "cpu", "--out", str(out)]

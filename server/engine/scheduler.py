@@ -18,12 +18,12 @@ slots 0..d-1) plus prefill chunks. Rules:
 """
 from __future__ import annotations
 
-import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
 
+from compile.buckets import prefill_length
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, Sequence, SequenceStatus
@@ -107,7 +107,8 @@ class Scheduler:
                 if not self.waiting or not self._can_admit(self.waiting[0]):
                     break
                 seq = self.waiting[0].seqs[0]
-            cost = self._padded_size(seq)
+            start = seq.num_computed_tokens
+            cost = prefill_length(self.context_buckets, min(self.chunk_size, seq.num_prompt_tokens - start), start)
             if prefills and cost > budget:
                 break
             budget -= cost
@@ -165,16 +166,3 @@ class Scheduler:
                 s.num_computed_tokens = end
             self.prefilling = None
         return chunk
-
-    def _padded_size(self, seq: Sequence) -> int:
-        """Positions the runner computes for seq's next chunk: a first chunk runs at the smallest
-        context bucket that fits it, a later one on the chunk graph of the largest bucket
-        (BucketedRunner.prefill_graph)."""
-        if seq.num_computed_tokens > 0:
-            return self.context_buckets[-1]
-        return self._bucket(min(self.chunk_size, seq.num_prompt_tokens))
-
-    def _bucket(self, num_tokens: int) -> int:
-        """The smallest context bucket that holds `num_tokens` (the largest if none does)."""
-        i = bisect.bisect_left(self.context_buckets, num_tokens)
-        return self.context_buckets[min(i, len(self.context_buckets) - 1)]

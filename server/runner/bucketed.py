@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from compile.buckets import smallest_fitting
+from compile.buckets import prefill_length, smallest_fitting
 from compile.manifest import Manifest
 from compile.model import ModelConfig
 from server.engine.types import BucketRun
@@ -28,10 +28,9 @@ class BucketedRunner:
         """(kind, graph name, padded length) for n prompt tokens starting at start_pos."""
         if not 0 < n <= self.context_buckets[-1] or start_pos + n > self.max_model_len:
             raise ValueError(f"prefill of {n} tokens at {start_pos} does not fit the buckets")
+        seq_len = prefill_length(self.context_buckets, n, start_pos)
         if start_pos == 0:
-            seq_len = smallest_fitting(self.context_buckets, n)
             return "prefill", f"prefill_s{seq_len}", seq_len
-        seq_len = self.context_buckets[-1]
         return "prefill_chunk", f"prefill_chunk_s{seq_len}_p{self.max_model_len}", seq_len
 
     def decode_graph(self, n: int, positions: Sequence[int]) -> tuple[str, int, int]:
