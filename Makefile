@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: serve test install install-test helm bench
+.PHONY: serve test install install-test helm bench xla-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ serve: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# The XLA lowering check of the neuron graphs (tests/xla): torch 2.9 + torch-xla in a venv of its own,
+# cached in ~/.cache/kiln/xla-venv (about 7 GB; the first run installs it in a few minutes).
+xla-check:
+	bash scripts/xla_check.sh

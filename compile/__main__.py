@@ -63,19 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     n = p.add_argument_group("neuron target")
     n.add_argument("--neuron-target", choices=NEURON_TARGETS, help="instance family the NEFFs are compiled for")
     n.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree over NeuronCores (default 1)")
+    n.add_argument("--neuron-compile-workers", type=int, metavar="N",
+                   help="neuronx-cc processes run at once (default: as many as the host's free memory allows, "
+                        "at most one per graph and per CPU; --dry-run shows the number)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CompileConfig:
     max_len, max_seqs = args.max_model_len, args.max_num_seqs
+    # the defaults below max_len, plus max_len itself when it is within them (past 2048 a longer
+    # prompt is prefilled in chunks of the largest bucket)
     context = args.context_buckets or (tuple(s for s in DEFAULT_CONTEXT_BUCKETS if s < max_len) + (
-        (max_len,) if max_len <= DEFAULT_CONTEXT_BUCKETS[-1] else (DEFAULT_CONTEXT_BUCKETS[-1],)))
+        (max_len,) if max_len <= DEFAULT_CONTEXT_BUCKETS[-1] else ()))
     return CompileConfig(
         checkpoint=args.checkpoint, target=args.target, dtype=args.dtype, context_buckets=context,
         batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs),
         kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len)),
         max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree,
-        cpu_kernels=args.cpu_kernels)
+        cpu_kernels=args.cpu_kernels, neuron_compile_workers=args.neuron_compile_workers)
 
 
 def run_suggest(path: Path, num_buckets: int, max_len: int) -> int:

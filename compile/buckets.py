@@ -10,7 +10,7 @@ from compile.config import CompileConfig
 class GraphSpec:
     """One bucket graph. `name` is also its file stem in graphs/."""
 
-    kind: str          # "prefill" | "prefill_chunk" | "decode"
+    kind: str          # "prefill" | "prefill_chunk" | "decode" | "copy_slot" (neuron's device-side slot copy)
     seq_len: int = 0   # prefill: tokens per call
     batch: int = 0     # decode: rows per call
     kv_len: int = 0    # decode: cached span; prefill_chunk: past span
@@ -21,6 +21,8 @@ class GraphSpec:
             return f"prefill_s{self.seq_len}"
         if self.kind == "prefill_chunk":
             return f"prefill_chunk_s{self.seq_len}_p{self.kv_len}"
+        if self.kind == "copy_slot":
+            return "copy_slot"
         return f"decode_b{self.batch}_k{self.kv_len}"
 
     def to_dict(self) -> dict:

@@ -31,6 +31,9 @@ class CompileConfig:
     neuron_target: Optional[str] = None
     tp_degree: int = 1
     cpu_kernels: str = "auto"
+    # How many neuronx-cc run at once (None: by host memory, compile/neuron/workers.py). It changes
+    # how a compile runs, not what it makes, so it stays out of the compile key.
+    neuron_compile_workers: Optional[int] = None
 
     def __post_init__(self) -> None:
         fail = ConfigError
@@ -57,6 +60,8 @@ class CompileConfig:
             raise fail("--tp-degree > 1 needs --target neuron")
         if self.tp_degree < 1:
             raise fail("--tp-degree must be at least 1")
+        if self.neuron_compile_workers is not None and self.neuron_compile_workers < 1:
+            raise fail("--neuron-compile-workers must be at least 1")
         if self.cpu_kernels not in CPU_KERNELS:
             raise fail(f"--cpu-kernels must be one of {', '.join(CPU_KERNELS)}, got {self.cpu_kernels!r}")
 
@@ -64,6 +69,11 @@ class CompileConfig:
     def needs_chunk_graph(self) -> bool:
         """Prompts longer than the largest context bucket are prefilled in chunks."""
         return self.max_model_len > self.context_buckets[-1]
+
+    def key_dict(self) -> dict:
+        """What decides the artifact's contents (the compile key): everything but the checkpoint's
+        path (its contents are hashed apart) and how the compile runs."""
+        return self.to_dict() | {"checkpoint": None, "neuron_compile_workers": None}
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -39,7 +39,7 @@ def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
     if cfg.target == "neuron":  # a new neuronx-cc / torch-neuronx means a recompile (NEURON.md §1.5)
         from compile import neuron_target
         toolchain = {"neuron": neuron_target.toolchain_versions()}
-    blob = json.dumps({"config": cfg.to_dict() | {"checkpoint": None}, "source": source_sha256,
+    blob = json.dumps({"config": cfg.key_dict(), "source": source_sha256,
                        "kiln": __version__, "graph_abi": GRAPH_ABI, "torch": torch.__version__,
                        "format": FORMAT_VERSION, **toolchain},
                       sort_keys=True)

@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 # The graphs' calling convention (inputs, outputs, KV cache layout). Bump it whenever
 # compile/model.py changes what a bucket graph takes or returns: an artifact built for another
 # ABI would pass its checksums and then fail (or compute garbage) at warm-up.
-GRAPH_ABI = 3
+GRAPH_ABI = 4
 MANIFEST_NAME = "manifest.json"
 
 

@@ -120,6 +120,9 @@ class Weights:
     """Named view over the flat weight list a PORTABLE graph receives."""
 
     variant = PORTABLE
+    # NOTE: True for device graphs (neuron): every mask is an explicit finite additive bias, never
+    # SDPA's is_causal or a boolean mask, which lower to -inf and risk NaNs in bf16 on trn1 (NEURON.md §12).
+    finite_masks = False
 
     def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
         self.cfg = cfg
@@ -218,19 +221,31 @@ def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor) -
     return allowed
 
 
-def prefill_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """q [H, S, D], k/v [KV, T, D], mask [S, T] bool (True = may attend; None = causal, T == S)
-    -> [S, H*D].
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = may attend) -> 0 / MASK_VALUE bias of `dtype`: finite, so no -inf reaches a graph."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), MASK_VALUE, dtype=dtype, device=allowed.device))
 
-    NOTE: SDPA's fused CPU kernel. Materialising [H, S, T] float32 scores made the S=2048 prefill
+
+def prefill_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: Optional[torch.Tensor], scale: float, fused: bool = True) -> torch.Tensor:
+    """q [H, S, D], k/v [KV, T, D], mask [S, T] bool (True = may attend) or an additive bias
+    (additive_mask); None = causal, T == S -> [S, H*D].
+
+    NOTE: fused = SDPA's fused CPU kernel. Materialising [H, S, T] float32 scores made the S=2048 prefill
     4x slower than eager transformers. K/V are expanded to H heads (cheap at prefill) rather than
     using enable_gqa, which not every lowering of the frozen torch 2.9 stack handles.
+    Device graphs (fused=False) spell the attention out with a float32 softmax over scores plus the
+    finite bias, as NxD Inference does: SDPA's math lowering compares scores against -inf.
     """
     k = k.repeat_interleave(cfg.num_groups, dim=0)
     v = v.repeat_interleave(cfg.num_groups, dim=0)
-    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
-                                         scale=scale)[0]                 # [H, S, D]
+    if fused:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                             scale=scale)[0]             # [H, S, D]
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.float32) * scale + mask.to(torch.float32)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [H, S, D]
     return out.transpose(0, 1).reshape(q.shape[1], cfg.num_heads * cfg.head_dim)
 
 
@@ -257,12 +272,14 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
     cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [S, 1, D]
     mask = None  # plain causal: SDPA's is_causal
-    if past_k is not None or cfg.sliding_window is not None:
+    if past_k is not None or cfg.sliding_window is not None or w.finite_masks:
         mask = key_mask(cfg, positions[None, :], positions[:, None])  # [S, S]
     if past_k is not None:
         past_pos = torch.arange(past_k.shape[2], dtype=torch.int64, device=input_ids.device)
         past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None])
         mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
+    if w.finite_masks:
+        mask = additive_mask(mask, cos.dtype)
     h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [S, hidden]
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
@@ -274,7 +291,7 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
         if past_k is not None:
             k = torch.cat((past_k[i], k), dim=1)                    # [KV, P+S, D]
             v = torch.cat((past_v[i], v), dim=1)
-        attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale)
+        attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not w.finite_masks)
         h = h + w.linear(attn, f"model.layers.{i}.self_attn.o_proj")
         h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
     logits = final_logits(w, h.index_select(0, last_index.view(1)))
@@ -289,7 +306,8 @@ def split_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_span: 
     span = k_span.shape[2]
     # NOTE: K @ q^T, not q @ K^T: the span is the left operand with dense rows (6% faster on CPU).
     past = torch.matmul(k_span, qg.transpose(-1, -2)).transpose(-1, -2).to(torch.float32) * scale  # [B, KV, G, K]
-    past = past.masked_fill(~cached, MASK_VALUE)
+    # NOTE: where with a tensor, not masked_fill with a Python float: XLA makes that scalar an f64 input.
+    past = torch.where(cached, past, torch.full((), MASK_VALUE, dtype=past.dtype, device=past.device))
     own = (qg * k[:, :, None, :]).sum(-1, keepdim=True).to(torch.float32) * scale  # [B, KV, G, 1]
     probs = torch.softmax(torch.cat((past, own), dim=-1), dim=-1).to(v.dtype)
     return torch.matmul(probs[..., :span], v_span) + probs[..., span:] * v[:, :, None, :]

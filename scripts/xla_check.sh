@@ -9,7 +9,7 @@
 #   KILN_XLA_VENV=/path scripts/xla_check.sh
 set -euo pipefail
 
-VENV="${KILN_XLA_VENV:-/tmp/kiln-xla-venv}"
+VENV="${KILN_XLA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln/xla-venv}"
 TORCH_XLA_VERSION="${KILN_TORCH_XLA_VERSION:-2.9.0}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"

@@ -17,8 +17,17 @@ SUPPORTED_TP = {"inf2": (1, 2, 4, 8, 24), "trn1": (1, 2, 8, 16, 32), "trn2": (1,
 LNC = {"inf2": 1, "trn1": 1, "trn2": 2}
 # NEURON.md §2: HBM per NeuronCore (Trn2 at LNC=2).
 HBM_PER_CORE_GIB = {"inf2": 16, "trn1": 16, "trn2": 24}
-# NxDI's decoder flags (NEURON.md §1.4, NXDI model_wrapper.py); tiling factor 2 is NxDI's default.
-TENSORIZER_OPTIONS = "--enable-ccop-compute-overlap --cc-pipeline-tiling-factor=2 --vectorize-strided-dma"
+# NxDI's decoder flags (NEURON.md §1.4, §12, NXDI model_wrapper.py): pipeline tiling factor 2 for
+# context encoding, 1 for token generation.
+def tensorizer_options(kind: str) -> str:
+    tiling = 1 if kind == "decode" else 2
+    return f"--enable-ccop-compute-overlap --cc-pipeline-tiling-factor={tiling} --vectorize-strided-dma"
+
+
+# NxD's default flag set has --enable-saturate-infinity, and passing explicit arguments drops it; it
+# matters on trn1 only, where compiler-introduced transposes can turn a large bf16 value into inf
+# and then NaN (NEURON.md §3.5, §12). Kiln's masks are finite too (compile/model.py additive_mask).
+SATURATE_INFINITY_TARGETS = ("trn1",)
 
 
 def opt_level(kind: str) -> str:
@@ -28,8 +37,11 @@ def opt_level(kind: str) -> str:
 
 def compiler_args(kind: str, neuron_target: str) -> list[str]:
     """neuronx-cc arguments for one graph kind. --target is required with cpu_backend=True (§1.1)."""
-    return ["--target", neuron_target, "--auto-cast=none", "--model-type=transformer",
-            f"--tensorizer-options={TENSORIZER_OPTIONS}", f"--lnc={LNC[neuron_target]}", opt_level(kind)]
+    args = ["--target", neuron_target, "--auto-cast=none", "--model-type=transformer",
+            f"--tensorizer-options={tensorizer_options(kind)}", f"--lnc={LNC[neuron_target]}"]
+    if neuron_target in SATURATE_INFINITY_TARGETS:
+        args.append("--enable-saturate-infinity")
+    return args + [opt_level(kind)]
 
 
 def compiler_args_str(kind: str, neuron_target: str) -> str:

@@ -1,18 +1,19 @@
 """Neuron bucket graphs: compile.model's prefill/decode plus the KV cache update *inside* the graph.
 
 On CPU the runner writes the new K/V into the cache outside the graph (compile/model.py). On Neuron
-the cache must stay on the device, so each graph takes the whole cache as state, writes the new K/V
-into it with out-of-place ops only (torch.scatter / torch.index_select: no scatter_, index_copy_
-or other in-place op on state, NEURON.md §1.3) and hands the new cache back:
+the cache stays on the device as ModelBuilder *state*: two buffers (cache_k, cache_v) of ONE module
+that every tag is traced from, so all buckets read and write the same device memory (NEURON.md §1,
+§12). forward *reassigns* the buffers with out-of-place ops (torch.index_put, torch.index_copy:
+never scatter_/index_copy_ or another in-place op, NEURON.md §1.3); ModelBuilder detects the
+reassignment and aliases the state, so no cache ever goes back to the host. Each graph returns its
+logits only.
 
-- torch_neuronx.trace (tp = 1): the cache is an nn.Parameter on the module and the graph returns
-  (logits, cache_k, cache_v); input_output_aliases maps the two parameters to outputs 1 and 2
-  (the T5 tutorial's pattern).
-- ModelBuilder (tp > 1): the cache is a buffer that forward *reassigns* (self.cache_k = new);
-  ModelBuilder detects the mutation and aliases it. The graph returns the logits only.
+K/V writes follow NxD Inference (NEURON.md §12): index_put with int32 index tensors of shape
+[L, KV, S] (prefill) or [L, B, KV] (decode), one index per written head_dim row. Fully expanded
+scatter indices over L x KV x max_len x head_dim make slow DMA code and very long compiles.
 
-The model math is never copied: TreeWeights feeds the module's parameters (or, for tp > 1,
-neuronx-distributed's parallel layers) to compile.model through Weights.linear.
+The model math is never copied: TreeWeights feeds the module's parameters and neuronx-distributed's
+parallel layers to compile.model through Weights.linear, with finite additive masks.
 
 Slot discipline (server/runner/interface.py): decode rows are slots 0..B-1. Writes for padding rows
 and padded prompt positions go to position max_len-1, which is never read: a decode at position p
@@ -31,9 +32,13 @@ from torch import nn
 from compile.buckets import GraphSpec
 from compile.model import ModelConfig, Weights, decode, prefill, weight_names
 
-TRACE, MODEL_BUILDER = "torch_neuronx.trace", "ModelBuilder"
+MODEL_BUILDER = "ModelBuilder"
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+STATE_BUFFERS = ("cache_k", "cache_v")
+# The device-side slot copy (compaction, n > 1 forks): one more tag of the same NxDModel.
+COPY_SLOT = GraphSpec("copy_slot")
+INDEX_DTYPE = torch.int32  # NxD Inference's index dtype for K/V writes
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,9 +66,6 @@ def local_config(cfg: ModelConfig, tp_degree: int) -> ModelConfig:
     return replace(cfg, num_heads=cfg.num_heads // tp_degree, num_kv_heads=cfg.num_kv_heads // tp_degree)
 
 
-K_POS, V_POS = 3, 3  # the position axis of each cache
-
-
 def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int, tp_degree: int = 1) -> tuple[tuple, tuple]:
     """k and v [L, slots, kv_heads, max_len, head_dim] (kv_heads per rank): the layout compile/model.py's
     spans use, so a graph slices, never transposes."""
@@ -72,35 +74,50 @@ def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int, tp_degree: int 
     return shape, shape
 
 
+def _iota(n: int, device: torch.device, *view: int) -> torch.Tensor:
+    return torch.arange(n, dtype=INDEX_DTYPE, device=device).view(*view)
+
+
 def write_prefill_kv(cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, start_pos: torch.Tensor,
-                     last_index: torch.Tensor, pos_dim: int) -> torch.Tensor:
-    """Write one chunk into one slot, out of place.
+                     last_index: torch.Tensor) -> torch.Tensor:
+    """cache [L, N, KV, P, D] with one chunk new [L, KV, S, D] of one slot written out of place.
 
-    cache [L, N, ...] with positions on axis pos_dim; new [L, ...]: one slot's layout with the
-    chunk's S positions on axis pos_dim - 1. Row i lands at start_pos + i for i <= last_index;
-    padded rows land at max_len - 1 (never read). Static shapes, indices always in range.
-    """
-    s, max_len = new.shape[pos_dim - 1], cache.shape[pos_dim]
-    offsets = torch.arange(s, dtype=torch.int64, device=cache.device)
-    positions = torch.where(offsets <= last_index, start_pos + offsets, torch.full_like(offsets, max_len - 1))
-    src = new.unsqueeze(1)                                              # [L, 1, ...]
-    at = [1] * cache.dim()
-    at[pos_dim] = s
-    row = torch.index_select(cache, 1, slot.view(1))                    # [L, 1, ...], positions max_len
-    row = torch.scatter(row, pos_dim, positions.view(at).expand(src.shape), src)
-    return torch.scatter(cache, 1, slot.view([1] * cache.dim()).expand(row.shape), row)
+    Row i lands at start_pos + i for i <= last_index; padded rows land at P - 1 (never read).
+    Index tensors broadcast to [L, KV, S] int32: one index per written head_dim row."""
+    layers, _, kv, max_len, _ = cache.shape
+    s, dev = new.shape[2], cache.device
+    offsets = _iota(s, dev, s)
+    start, last = start_pos.to(INDEX_DTYPE), last_index.to(INDEX_DTYPE)
+    positions = torch.where(offsets <= last, start + offsets, torch.full_like(offsets, max_len - 1))
+    index = (_iota(layers, dev, layers, 1, 1), slot.to(INDEX_DTYPE).view(1, 1, 1),
+             _iota(kv, dev, 1, kv, 1), positions.view(1, 1, s))
+    return torch.index_put(cache, index, new)
 
 
-def write_decode_kv(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, pos_dim: int) -> torch.Tensor:
-    """cache [L, N, ...] with new [L, B, ...] (slots 0..B-1, no position axis) written at positions [B]."""
-    src = new.unsqueeze(pos_dim)
-    at = [1] * cache.dim()
-    at[1] = new.shape[1]
-    return torch.scatter(cache, pos_dim, positions.view(at).expand(src.shape), src)
+def write_decode_kv(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """cache [L, N, KV, P, D] with new [L, B, KV, D] (rows are slots 0..B-1) written at positions [B].
+    Index tensors broadcast to [L, B, KV] int32."""
+    layers, b, kv = new.shape[:3]
+    dev = cache.device
+    index = (_iota(layers, dev, layers, 1, 1), _iota(b, dev, 1, b, 1), _iota(kv, dev, 1, 1, kv),
+             positions.to(INDEX_DTYPE).view(1, b, 1))
+    return torch.index_put(cache, index, new)
+
+
+def copy_slot_kv(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """cache [L, N, KV, P, D] with positions < length of slot src copied into slot dst (the rest of
+    dst kept); src, dst, length [1]. Gather and scatter indices are one slot id each."""
+    max_len, dev = cache.shape[3], cache.device
+    src_row = torch.index_select(cache, 1, src.view(1))                   # [L, 1, KV, P, D]
+    dst_row = torch.index_select(cache, 1, dst.view(1))
+    keep = _iota(max_len, dev, 1, 1, 1, max_len, 1) < length.to(INDEX_DTYPE)
+    return torch.index_copy(cache, 1, dst.view(1), torch.where(keep, src_row, dst_row))
 
 
 class TreeWeights(Weights):
     """compile.model's Weights over a module tree whose state_dict keys are the HF names."""
+
+    finite_masks = True  # device graphs: no -inf anywhere (compile/model.py additive_mask)
 
     def __init__(self, cfg: ModelConfig, root: nn.Module, layers: dict[str, nn.Module]):
         self.cfg = cfg
@@ -124,29 +141,30 @@ def _child(root: nn.Module, path: list[str]) -> nn.Module:
 
 
 def stub(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Shape and dtype without the bytes: one element of storage, expanded (see trace.py)."""
+    """Shape and dtype without the bytes: one element of storage, expanded. Weights never enter a
+    graph (set_weights binds them at load), so tracing needs only their shapes."""
     return torch.zeros((), dtype=dtype).expand(shape)
 
 
 class NeuronBucketGraph(nn.Module):
-    """One module for every bucket kind; `spec` (a Python attribute) picks the computation at trace time.
+    """The one module every tag of the NxDModel is traced from; `spec` (a Python attribute, set
+    before each ModelBuilder.trace) picks the computation, so all tags share weights and state.
 
-    forward(input_ids, positions, last_index=None, slot=None):
-      prefill / prefill_chunk: input_ids [S], positions [1] (start position), last_index [1], slot [1]
-      decode:                  input_ids [B], positions [B] (rows are slots 0..B-1)
+    forward(a, b, c=None, d=None), by spec.kind:
+      prefill / prefill_chunk: input_ids [S], start_pos [1], last_index [1], slot [1] -> logits [1, V]
+      decode:                  input_ids [B], positions [B] (rows are slots 0..B-1)  -> logits [B, V]
+      copy_slot:               src [1], dst [1], length [1]                        -> length [1]
     NOTE: the scalars are [1], not 0-dim: torch-xla specialises 0-dim inputs on their values (the
     XLA check saw one compile per distinct slot), and a trace must never bake in its example values.
-    Returns (logits, cache_k, cache_v) for torch_neuronx.trace, logits for ModelBuilder.
     """
 
     def __init__(self, cfg: ModelConfig, spec: GraphSpec, num_slots: int, max_len: int, dtype: torch.dtype,
-                 tp_degree: int = 1, tracer: str = TRACE):
+                 tp_degree: int = 1):
         super().__init__()
-        self.full_cfg, self.cfg, self.spec, self.tracer = cfg, local_config(cfg, tp_degree), spec, tracer
+        self.full_cfg, self.cfg, self.spec = cfg, local_config(cfg, tp_degree), spec
         self.parallel: dict[str, nn.Module] = {}
         shapes = weight_shapes(cfg)
-        if tracer == MODEL_BUILDER:
-            self._add_parallel_layers(cfg, dtype)
+        self._add_parallel_layers(cfg, dtype)
         for name in weight_names(cfg):
             if any(name.startswith(prefix + ".") for prefix in self.parallel):
                 continue
@@ -154,14 +172,12 @@ class NeuronBucketGraph(nn.Module):
             t_dtype = torch.float32 if name == "rope.inv_freq" else dtype
             _child(self, path).register_parameter(leaf, nn.Parameter(stub(shapes[name], t_dtype), requires_grad=False))
         k_shape, v_shape = cache_shapes(cfg, num_slots, max_len, tp_degree)
-        if tracer == TRACE:
-            self.cache_k = nn.Parameter(stub(k_shape, dtype), requires_grad=False)
-            self.cache_v = nn.Parameter(stub(v_shape, dtype), requires_grad=False)
-        else:
-            self.register_buffer("cache_k", torch.zeros(k_shape, dtype=dtype), persistent=False)
-            self.register_buffer("cache_v", torch.zeros(v_shape, dtype=dtype), persistent=False)
+        # NOTE: non-persistent, so the cache is state, not a weight: set_weights never sees it.
+        self.register_buffer("cache_k", torch.zeros(k_shape, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(v_shape, dtype=dtype), persistent=False)
 
     def _add_parallel_layers(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        """Call inside NxDParallelState (every tp, 1 included): the layers size themselves from it."""
         from neuronx_distributed.parallel_layers import ColumnParallelLinear, RowParallelLinear
         shapes = weight_shapes(cfg)
         for i in range(cfg.num_layers):
@@ -179,28 +195,30 @@ class NeuronBucketGraph(nn.Module):
         self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=False, gather_output=True, dtype=dtype)
         self.parallel["lm_head"] = self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                last_index: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None):
-        w = TreeWeights(self.cfg, self, self.parallel)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: Optional[torch.Tensor] = None,
+                d: Optional[torch.Tensor] = None) -> torch.Tensor:
         spec = self.spec
+        if spec.kind == "copy_slot":
+            self.cache_k = copy_slot_kv(self.cache_k, a, b, c)  # reassignment: ModelBuilder aliases it
+            self.cache_v = copy_slot_kv(self.cache_v, a, b, c)
+            return c + 0  # NOTE: a graph needs an output; an input echoed as is may be folded away
+        w = TreeWeights(self.cfg, self, self.parallel)
         if spec.kind == "decode":
+            input_ids, positions = a, b
             k_span = self.cache_k[:, :spec.batch, :, :spec.kv_len]                     # [L, B, KV, K, D]
             v_span = self.cache_v[:, :spec.batch, :, :spec.kv_len]
             logits, new_k, new_v = decode(w, input_ids, positions, k_span, v_span)   # new [L, B, KV, D]
-            cache_k = write_decode_kv(self.cache_k, new_k, positions, K_POS)
-            cache_v = write_decode_kv(self.cache_v, new_v, positions, V_POS)
-        else:
-            past = ()
-            if spec.kind == "prefill_chunk":
-                past = (torch.index_select(self.cache_k, 1, slot.view(1))[:, 0, :, :spec.kv_len],
-                        torch.index_select(self.cache_v, 1, slot.view(1))[:, 0, :, :spec.kv_len])
-            logits, new_k, new_v = prefill(w, input_ids, positions, last_index, *past)  # new [L, KV, S, D]
-            cache_k = write_prefill_kv(self.cache_k, new_k, slot, positions, last_index, K_POS)
-            cache_v = write_prefill_kv(self.cache_v, new_v, slot, positions, last_index, V_POS)
-        if self.tracer == TRACE:
-            return logits, cache_k, cache_v
-        self.cache_k = cache_k  # reassignment, not an in-place op: ModelBuilder aliases the buffer
-        self.cache_v = cache_v
+            self.cache_k = write_decode_kv(self.cache_k, new_k, positions)
+            self.cache_v = write_decode_kv(self.cache_v, new_v, positions)
+            return logits
+        input_ids, start_pos, last_index, slot = a, b, c, d
+        past = ()
+        if spec.kind == "prefill_chunk":  # slice the span first: the gather moves one slot's span only
+            past = (torch.index_select(self.cache_k[:, :, :, :spec.kv_len], 1, slot.view(1))[:, 0],
+                    torch.index_select(self.cache_v[:, :, :, :spec.kv_len], 1, slot.view(1))[:, 0])
+        logits, new_k, new_v = prefill(w, input_ids, start_pos, last_index, *past)  # new [L, KV, S, D]
+        self.cache_k = write_prefill_kv(self.cache_k, new_k, slot, start_pos, last_index)
+        self.cache_v = write_prefill_kv(self.cache_v, new_v, slot, start_pos, last_index)
         return logits
 
 
@@ -209,9 +227,6 @@ def example_inputs(spec: GraphSpec) -> tuple[torch.Tensor, ...]:
     i64 = torch.int64
     if spec.kind == "decode":
         return torch.zeros(spec.batch, dtype=i64), torch.zeros(spec.batch, dtype=i64)
+    if spec.kind == "copy_slot":
+        return tuple(torch.zeros(1, dtype=i64) for _ in range(3))
     return (torch.zeros(spec.seq_len, dtype=i64),) + tuple(torch.zeros(1, dtype=i64) for _ in range(3))
-
-
-def input_output_aliases(module: NeuronBucketGraph) -> dict:
-    """torch_neuronx.trace aliases: each cache parameter -> the output index carrying its new value."""
-    return {module.cache_k: 1, module.cache_v: 2}

@@ -11,7 +11,7 @@ from compile.buckets import GraphSpec, plan_graphs
 from compile.config import CompileConfig
 from compile.model import ModelConfig
 from compile.neuron import flags
-from compile.neuron.graphs import COLUMN_PARALLEL, MODEL_BUILDER, ROW_PARALLEL, TRACE, cache_shapes, weight_shapes
+from compile.neuron.graphs import COLUMN_PARALLEL, ROW_PARALLEL, cache_shapes, weight_shapes
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 2 ** 30
@@ -32,15 +32,44 @@ def read_model_config(checkpoint: str) -> ModelConfig:
     return model_config_from_hf(hf)
 
 
+# NOTE: an allowance, not a measurement (nothing here has run on a device): the NEFF's code and
+# constants of one bucket graph on one core. NxD Inference publishes no figure; NEURON.md §9.5 shows
+# the per-core breakdown reaching 16 GB with DMA rings and scratchpad. Replace it with
+# neuron-monitor's neuroncore_memory_usage_model_code once a real artifact has been loaded.
+NEFF_ALLOWANCE_BYTES = 64 * 2 ** 20
+ACTIVATION_BYTES = 4  # scratch is counted as float32, whatever the dtype: an upper bound
+
+
+@dataclass(frozen=True)
+class GraphAllowance:
+    """One graph's own device memory on one core, beside the shared weights and KV state."""
+    name: str
+    neff_bytes: int
+    scratch_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.neff_bytes + self.scratch_bytes
+
+
 @dataclass(frozen=True)
 class HbmEstimate:
-    weights_bytes: int     # per core (per rank)
-    kv_bytes: int          # per core: k and v caches
+    weights_bytes: int     # per core: this rank's weights, once, shared by every graph
+    kv_bytes: int          # per core: the one KV state (cache_k + cache_v), shared by every graph
+    graphs: tuple[GraphAllowance, ...]
     capacity_gib: int
 
     @property
+    def resident_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes
+
+    @property
+    def graphs_bytes(self) -> int:
+        return sum(g.total_bytes for g in self.graphs)
+
+    @property
     def total_gib(self) -> float:
-        return (self.weights_bytes + self.kv_bytes) / GIB
+        return (self.resident_bytes + self.graphs_bytes) / GIB
 
     @property
     def fits(self) -> bool:
@@ -51,30 +80,55 @@ def sharded(name: str) -> bool:
     return name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL + ROW_PARALLEL)
 
 
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def scratch_bytes(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig) -> int:
+    """Activations of one call, per core, as float32: rows x (2 hidden + 2 intermediate/tp + heads/tp x
+    span) + logits rows x vocab (a prefill keeps the last row's logits only); a slot copy holds three
+    slot rows of each cache."""
+    tp = cfg.tp_degree
+    if spec.kind == "copy_slot":
+        row = numel(cache_shapes(model, 1, cfg.max_model_len, tp)[0]) * BYTES[cfg.dtype]
+        return 2 * 3 * row
+    rows = spec.batch if spec.kind == "decode" else spec.seq_len
+    logit_rows = spec.batch if spec.kind == "decode" else 1
+    span = {"decode": spec.kv_len, "prefill": spec.seq_len, "prefill_chunk": spec.kv_len + spec.seq_len}[spec.kind]
+    per_row = 2 * model.hidden_size + 2 * model.intermediate_size // tp + model.num_heads // tp * span
+    return ACTIVATION_BYTES * (rows * per_row + logit_rows * model.vocab_size)
+
+
 def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
-    """Weights (linear layers split over tp, the rest replicated) plus the KV cache, per NeuronCore."""
+    """Weights (linear layers split over tp, the rest replicated) once, the KV state once, and each
+    graph's NEFF and scratch allowance, per NeuronCore."""
+    from compile.neuron.builder import tags
     tp, size = cfg.tp_degree, BYTES[cfg.dtype]
     shapes = dict(weight_shapes(model))
-    if tp > 1 and model.tie_word_embeddings:
-        shapes["lm_head.weight"] = (model.vocab_size, model.hidden_size)  # its own sharded copy
+    if model.tie_word_embeddings:
+        # NOTE: the traced module's lm_head is its own weight (a ColumnParallelLinear), so the device
+        # holds it beside the embedding even when the checkpoint ties them (sharded at tp > 1).
+        shapes["lm_head.weight"] = (model.vocab_size, model.hidden_size)
     weights = 0
     for name, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
+        n = numel(shape)
         weights += (4 if name == "rope.inv_freq" else size) * (n // tp if tp > 1 and sharded(name) else n)
-    kv = 1
-    for d in cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp)[0]:
-        kv *= d
-    return HbmEstimate(weights, 2 * kv * size, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
+    kv = sum(numel(shape) for shape in cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp))
+    graphs = tuple(GraphAllowance(s.name, NEFF_ALLOWANCE_BYTES, scratch_bytes(s, cfg, model)) for s in tags(cfg))
+    return HbmEstimate(weights, kv * size, graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
 
 
 def shape_text(shape) -> str:
     return "[" + ",".join(map(str, shape)) + "]"
 
 
-def graph_io(spec: GraphSpec, model: ModelConfig, cfg: CompileConfig, neuron: bool) -> tuple[str, str]:
-    """Input and output descriptions of one bucket graph (after the weights)."""
+def graph_io(spec: GraphSpec, model: ModelConfig, neuron: bool) -> tuple[str, str]:
+    """Input and output descriptions of one graph (after the weights)."""
+    if spec.kind == "copy_slot":
+        return "src[1] dst[1] length[1]", "length[1] (positions < length of slot src copied into slot dst)"
     if spec.kind == "decode":
         inputs = f"input_ids{shape_text([spec.batch])} positions{shape_text([spec.batch])}"
         logits = shape_text([spec.batch, model.vocab_size])
@@ -92,9 +146,40 @@ def graph_io(spec: GraphSpec, model: ModelConfig, cfg: CompileConfig, neuron: bo
         return inputs, f"logits{logits} new_k new_v"
     if spec.kind != "decode":
         inputs += " slot[1]"
-    if cfg.tp_degree == 1:
-        return inputs, f"logits{logits} cache_k cache_v (aliases: cache_k->output 1, cache_v->output 2)"
-    return inputs, f"logits{logits} (cache_k, cache_v buffers reassigned in forward: aliased by ModelBuilder)"
+    return inputs, f"logits{logits}"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
+    """The HBM estimate, itemised so that a reader can check it by hand."""
+    from compile.neuron.builder import compile_workers
+    from compile.neuron.workers import available_memory_bytes, job_bytes
+    est = hbm_per_core(cfg, model)
+    tp, size = cfg.tp_degree, BYTES[cfg.dtype]
+    k_shape, _ = cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp)
+    verdict = "fits" if est.fits else "DOES NOT FIT: raise --tp-degree or lower --max-num-seqs/--max-model-len"
+    lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}):",
+             f"  weights, once per rank, shared by every graph: {est.weights_bytes / GIB:.3f} GiB"
+             + (" (projections and lm_head split over tp; embedding, norms, rope replicated)" if tp > 1 else ""),
+             f"  KV state, once, shared by every graph: 2 x {'x'.join(map(str, k_shape))} x {size} B = "
+             f"{est.kv_bytes / GIB:.3f} GiB",
+             f"  resident (weights + KV): {est.resident_bytes / GIB:.3f} GiB",
+             f"  per graph ({len(est.graphs)} graphs): NEFF allowance {mib(NEFF_ALLOWANCE_BYTES)} + scratch "
+             f"= {ACTIVATION_BYTES} B x (rows x (2 hidden + 2 intermediate/tp + heads/tp x span) + logit rows x vocab); "
+             "summed over graphs, an upper bound"]
+    for g in est.graphs:
+        lines.append(f"    {g.name:<24} {mib(g.neff_bytes)} + {mib(g.scratch_bytes)}")
+    lines.append(f"  graphs together: {est.graphs_bytes / GIB:.3f} GiB")
+    lines.append(f"  total: {est.total_gib:.3f} GiB of {est.capacity_gib} GiB: {verdict}")
+    workers, free = compile_workers(cfg, model), available_memory_bytes()
+    source = "--neuron-compile-workers" if cfg.neuron_compile_workers else (
+        f"this host's {free / GIB:.1f} GiB available / {job_bytes(est.weights_bytes) / GIB:.1f} GiB per job, "
+        "at most one per graph and per CPU" if free else "host memory unknown")
+    lines.append(f"neuronx-cc jobs at once: {workers} ({source})")
+    return lines
 
 
 def describe_plan(cfg: CompileConfig) -> str:
@@ -102,34 +187,35 @@ def describe_plan(cfg: CompileConfig) -> str:
     neuron = cfg.target == "neuron"
     if neuron:
         flags.check_tp(cfg, model)  # an impossible plan is a one-line error, not a table
-    specs = plan_graphs(cfg)
+        from compile.neuron.builder import tags
+        specs = tags(cfg)
+    else:
+        specs = plan_graphs(cfg)
     lines = ["compile plan (dry run: nothing compiled, no weights loaded)",
              f"checkpoint: {cfg.checkpoint} ({model.architecture}, {model.num_layers} layers, {model.num_heads} heads, "
-             f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, hidden {model.hidden_size}, vocab {model.vocab_size})"]
+             f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, hidden {model.hidden_size}, "
+             f"intermediate {model.intermediate_size}, vocab {model.vocab_size})"]
     if neuron:
-        tracer = TRACE + " per bucket" if cfg.tp_degree == 1 else MODEL_BUILDER + " (one tag per bucket, one NxDModel)"
         lines.append(f"target: neuron --neuron-target {cfg.neuron_target}, tp {cfg.tp_degree}, "
-                     f"LNC {flags.LNC[cfg.neuron_target]}, dtype {cfg.dtype}, tracer {tracer}")
-        lines.append("weights: kept out of every graph (inline_weights_to_neff=False / NxDModel.save(save_weights=False)), "
-                     + ("bound from weights/model.safetensors at load" if cfg.tp_degree == 1 else
-                        f"sharded once per rank into {cfg.tp_degree} weights/tp_rank_XX.safetensors"))
+                     f"LNC {flags.LNC[cfg.neuron_target]}, dtype {cfg.dtype}, tracer NxD Core ModelBuilder "
+                     "(one NxDModel, one tag per graph, weights and KV state shared by every tag)")
+        lines.append("weights: kept out of every graph (NxDModel.save(save_weights=False)), bound once by set_weights "
+                     + ("from weights/model.safetensors" if cfg.tp_degree == 1 else
+                        f"from {cfg.tp_degree} weights/tp_rank_XX.safetensors, sharded once per rank"))
         k_shape, v_shape = cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, cfg.tp_degree)
-        lines.append(f"KV cache per core: cache_k {shape_text(k_shape)} and cache_v {shape_text(v_shape)} "
-                     "[layers, slots, kv heads, positions, head_dim]; updated inside each graph")
+        lines.append(f"KV state per core: cache_k {shape_text(k_shape)} and cache_v {shape_text(v_shape)} "
+                     "[layers, slots, kv heads, positions, head_dim]; buffers reassigned in forward, aliased by "
+                     "ModelBuilder, never returned to the host")
     else:
         lines.append(f"target: cpu, dtype {cfg.dtype}, torch.export per bucket (weights are graph inputs)")
     lines.append(f"graphs ({len(specs)}):")
     width = max(len(s.name) for s in specs)
     for spec in specs:
-        inputs, outputs = graph_io(spec, model, cfg, neuron)
+        inputs, outputs = graph_io(spec, model, neuron)
         lines.append(f"  {spec.name:<{width}}  in: {inputs}  out: {outputs}")
     if neuron:
-        lines.append("compiler arguments (neuronx-cc; compiled with cpu_backend=True):")
+        lines.append("compiler arguments (neuronx-cc, per tag of ModelBuilder.compile):")
         for kind in sorted({s.kind for s in specs}):
             lines.append(f"  {kind:<13}  {flags.compiler_args_str(kind, cfg.neuron_target)}")
-        est = hbm_per_core(cfg, model)
-        verdict = "fits" if est.fits else "DOES NOT FIT: raise --tp-degree or lower --max-num-seqs/--max-model-len"
-        lines.append(f"HBM per NeuronCore (estimate): weights {est.weights_bytes / GIB:.3f} GiB + KV cache "
-                     f"{est.kv_bytes / GIB:.3f} GiB = {est.total_gib:.3f} GiB of {est.capacity_gib} GiB: {verdict} "
-                     "(excludes NEFF code, scratchpad and DMA rings)")
+        lines += hbm_lines(cfg, model)
     return "\n".join(lines)

@@ -16,8 +16,16 @@ COMPILER = "neuronx-cc"
 TORCH_NEURONX = "torch-neuronx"
 NXD = "neuronx-distributed"
 
+# The Neuron SDK releases Kiln's neuron target is written for (NEURON.md §0, §12): torch-neuronx
+# for PyTorch 2.9 first ships in SDK 2.27, and 2.31 is the last release with NxD Inference fixes for
+# Inf2/Trn1. The DLC image, deploy/docker/Dockerfile.neuron and docs/neuron.md name the same SDK.
+SUPPORTED_SDK = "2.27-2.31"
+TORCH_NEURONX_SERIES = "2.9"   # torch-neuronx versions are <pytorch version>.<neuron release>.<build>
+# torch-neuronx 2.9.0.2.<release>.* -> the Neuron SDK that shipped it (the SDK release notes and the
+# DLC Dockerfiles; 2.32 pins 2.9.0.2.15 again and ships no NxD, so 2.15 is reported as 2.31).
+SDK_OF_TORCH_NEURONX = {"2.11": "2.27", "2.12": "2.28", "2.13": "2.29", "2.14": "2.30", "2.15": "2.31"}
 DLC_IMAGE = "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
-TOOLCHAIN_HINT = ("--target neuron needs torch-neuronx and neuronx-cc (pip install them from the AWS Neuron "
+TOOLCHAIN_HINT = ("--target neuron needs torch-neuronx, neuronx-cc and neuronx-distributed (pip install them from the AWS Neuron "
                   f"package index, or run inside the Neuron DLC image {DLC_IMAGE}); "
                   "--dry-run prints the compile plan without them")
 
@@ -41,23 +49,39 @@ def importable(module: str) -> bool:
         return False
 
 
-def toolchain_versions(tp_degree: int = 1) -> dict[str, str]:
+def toolchain_versions() -> dict[str, str]:
     """Versions recorded in manifest.json; every one of them forces a recompile when it changes."""
-    found = {COMPILER: installed_version(COMPILER) or "unknown",
-             TORCH_NEURONX: installed_version(TORCH_NEURONX) or "unknown"}
-    if tp_degree > 1:
-        found[NXD] = installed_version(NXD) or "unknown"
-    return found
+    return {COMPILER: installed_version(COMPILER) or "unknown",
+            TORCH_NEURONX: installed_version(TORCH_NEURONX) or "unknown",
+            NXD: installed_version(NXD) or "unknown"}
 
 
-def missing_toolchain(tp_degree: int = 1) -> Optional[str]:
-    """None when compiling for neuron can start here, else the one-line reason."""
+def missing_toolchain() -> Optional[str]:
+    """None when compiling for neuron can start here, else the one-line reason. Every tp degree
+    builds through NxD Core ModelBuilder, so neuronx-distributed is needed beside torch-neuronx."""
     if not importable("torch_neuronx"):
         return TOOLCHAIN_HINT
-    if tp_degree > 1 and not importable("neuronx_distributed"):
-        return ("--tp-degree > 1 needs neuronx-distributed (NxD Core ModelBuilder) next to torch-neuronx; "
+    if not importable("neuronx_distributed"):
+        return ("--target neuron needs neuronx-distributed (NxD Core ModelBuilder) next to torch-neuronx; "
                 f"it ships in the Neuron DLC image {DLC_IMAGE}")
     return None
+
+
+def unsupported_torch_neuronx(version: Optional[str]) -> Optional[str]:
+    """None when this torch-neuronx belongs to a supported Neuron SDK, else the one-line reason."""
+    if version is None or version == "unknown":
+        return None  # not installed: missing_toolchain() says so
+    if version.split(".")[:2] == TORCH_NEURONX_SERIES.split("."):
+        return None
+    return (f"torch-neuronx {version} is not for PyTorch {TORCH_NEURONX_SERIES}: Kiln's neuron target supports "
+            f"Neuron SDK {SUPPORTED_SDK} (torch-neuronx {TORCH_NEURONX_SERIES}.x, first shipped in SDK 2.27); "
+            f"use the Neuron DLC image {DLC_IMAGE}")
+
+
+def sdk_of(torch_neuronx_version: Optional[str]) -> str:
+    """'2.9.0.2.12.22436' -> '2.28'; 'unknown' where the release number is not in the table."""
+    parts = (torch_neuronx_version or "").split(".")
+    return SDK_OF_TORCH_NEURONX.get(".".join(parts[3:5]), "unknown") if len(parts) >= 5 else "unknown"
 
 
 def family_of(instance_type: str) -> Optional[str]:

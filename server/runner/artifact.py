@@ -7,8 +7,8 @@ from typing import Any
 
 from compile.manifest import ArtifactError, Manifest
 
-NEURON_HINT = ("target neuron needs torch-neuronx on a Neuron host (AWS Neuron package index, "
-               "or a Neuron deep-learning-container image)")
+NEURON_HINT = ("target neuron needs torch-neuronx and neuronx-distributed on a Neuron host (AWS Neuron package "
+               "index, or a Neuron deep-learning-container image)")
 
 
 @dataclass

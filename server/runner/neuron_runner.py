@@ -1,15 +1,11 @@
-"""Runs a neuron artifact's bucket graphs on NeuronCores (same contract as CpuRunner, interface.py).
+"""Runs a neuron artifact's graphs on NeuronCores (same contract as CpuRunner, interface.py).
 
-The KV cache lives on the device, inside the graphs (compile/neuron/graphs.py): a graph receives
-token ids, positions and a slot, updates the cache in place through input/output aliasing and
-returns logits. What differs from CpuRunner is only where the cache is and how graphs are loaded:
-
-- tp = 1 (torch_neuronx.trace): torch.jit.load per bucket, torch_neuronx.replace_weights with the
-  one stored safetensors dict, torch_neuronx.move_trace_to_device; each graph owns its aliased cache
-  state, so when the next call goes to another graph the latest cache is handed to it first
-  (replace_weights with the cache tensors only). See docs/neuron.md for why and what it costs.
-- tp > 1 (ModelBuilder): NxDModel.load, set_weights(per-rank shards), to_neuron; every bucket is a
-  tag of one NxDModel sharing one set of cache buffers, called with forward(..., model_name=tag).
+The artifact holds ONE NxDModel (compile/neuron/builder.py) for every tp degree: a tag per bucket
+and a copy_slot tag, over one set of weights (set_weights, once) and one KV state shared by every
+tag. The cache lives on the device, inside the graphs (compile/neuron/graphs.py): a graph receives
+token ids, positions and a slot, updates the state in place and returns logits only. Load is
+NxDModel.load, set_weights(one state dict per rank), to_neuron; a call is
+forward(*inputs, model_name=<tag>).
 
 Nothing here has run on Neuron hardware; tests/neuron drive it against a recording double.
 """
@@ -26,25 +22,23 @@ from compile.neuron import toolchain
 from server.runner.bucketed import BucketedRunner
 from server.runner.interface import RunnerOutput
 
-CACHE_KEYS = ("cache_k", "cache_v")
-
 
 def check_host(manifest: Manifest, path: Path) -> None:
-    """Refuse (ArtifactError, one line) an artifact this host cannot run: no torch-neuronx, another
-    neuronx-cc / torch-neuronx version than it was compiled with, or another instance family."""
+    """Refuse (ArtifactError, one line) an artifact this host cannot run: no torch-neuronx or
+    neuronx-distributed, another neuronx-cc / torch-neuronx / neuronx-distributed version than it was
+    compiled with, or another instance family."""
     from server.runner.artifact import NEURON_HINT
     where = Path(path) / "manifest.json"
-    if not toolchain.importable("torch_neuronx"):
-        raise ArtifactError(f"{where}: {NEURON_HINT}")
+    for module in ("torch_neuronx", "neuronx_distributed"):
+        if not toolchain.importable(module):
+            raise ArtifactError(f"{where}: {NEURON_HINT} ({module} is not importable)")
     section = manifest.neuron or {}
-    for dist in (toolchain.COMPILER, toolchain.TORCH_NEURONX):
+    for dist in (toolchain.COMPILER, toolchain.TORCH_NEURONX, toolchain.NXD):
         built = manifest.versions.get(dist, "unknown")
         here = toolchain.installed_version(dist) or "not installed"
         if built != here:
             raise ArtifactError(f"{where}: {dist} expected {built} (the artifact was compiled with it), "
                                 f"found {here} on this host; recompile the artifact here")
-    if manifest.tp_degree > 1 and not toolchain.importable("neuronx_distributed"):
-        raise ArtifactError(f"{where}: tp_degree {manifest.tp_degree} needs neuronx-distributed; {NEURON_HINT}")
     built_family, here_family = section.get("neuron_target"), toolchain.host_family()
     if here_family is not None and built_family != here_family:
         raise ArtifactError(f"{where}: instance family expected {built_family} (compiled with --neuron-target "
@@ -52,9 +46,18 @@ def check_host(manifest: Manifest, path: Path) -> None:
 
 
 def count_cores(spec: str) -> int:
-    """'3' -> 1, '0-3' -> 4 (NEURON_RT_VISIBLE_CORES: one index or an inclusive range)."""
-    first, _, last = spec.strip().partition("-")
-    return int(last) - int(first) + 1 if last else 1 if first.isdigit() else 0
+    """Cores named by NEURON_RT_VISIBLE_CORES: '3' -> 1, '0-3' -> 4, '2,3' -> 2 (what the Kubernetes
+    device plugin sets), '0-1,4,6-7' -> 5. Duplicates count once; anything unparsable -> 0."""
+    cores: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            return 0
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            return 0
+        cores.update(range(lo, hi + 1))
+    return len(cores)
 
 
 def claim_cores(tp_degree: int) -> str:
@@ -77,66 +80,38 @@ def claim_cores(tp_degree: int) -> str:
     return f"NEURON_RT_NUM_CORES={tp_degree}"
 
 
-class TracedGraphs:
-    """tp = 1: one TorchScript module per bucket, weights bound once per graph, cache handed over."""
-
-    def __init__(self, manifest: Manifest, path: Path):
-        import torch_neuronx
-        from safetensors.torch import load_file
-        self._neuronx = torch_neuronx
-        # NOTE: stored names are the traced module's parameter names, so the file binds as is.
-        self.weights = load_file(str(path / manifest.weights[0]))
-        self.graphs = {}
-        for g in manifest.graphs:
-            trace = torch.jit.load(str(path / g["file"]))
-            torch_neuronx.replace_weights(trace, self.weights)
-            torch_neuronx.move_trace_to_device(trace, 0)
-            self.graphs[g["name"]] = trace
-        self.version = 0                                   # bumps on every cache change
-        self.seen = {name: 0 for name in self.graphs}      # cache version each graph's state holds
-        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # latest (cache_k, cache_v)
-
-    def run(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        graph = self.graphs[name]
-        if self.cache is not None and self.seen[name] != self.version:
-            self._neuronx.replace_weights(graph, dict(zip(CACHE_KEYS, self.cache)))
-        logits, cache_k, cache_v = graph(*inputs)
-        self.version += 1
-        self.cache, self.seen[name] = (cache_k, cache_v), self.version
-        return logits
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        if self.cache is None:
-            return  # nothing written yet
-        cache_k, cache_v = self.cache  # both [L, N, KV, P, D] (compile/model.py)
-        cache_k[:, dst, :, :length] = cache_k[:, src, :, :length]
-        cache_v[:, dst, :, :length] = cache_v[:, src, :, :length]
-        self.version += 1
-
-
 class NxdGraphs:
-    """tp > 1: one NxDModel holding every bucket as a tag, over one set of cache buffers."""
+    """One NxDModel holding every bucket as a tag (plus the copy_slot tag), over one set of weights
+    and one KV state on the device, for every tp degree."""
 
     def __init__(self, manifest: Manifest, path: Path):
         from neuronx_distributed import NxDModel
-        from safetensors.torch import load_file
         section = manifest.neuron
-        self.tp_degree = manifest.tp_degree
+        self.copy_tag = section["copy_slot_tag"]
         self.model = NxDModel.load(str(path / section["nxd_model"]))
-        self.model.set_weights([load_file(str(path / f)) for f in section["rank_weights"]])
+        self.model.set_weights(rank_checkpoints(manifest, path))
         self.model.to_neuron()
 
     def run(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.forward(*inputs, model_name=name)
+        out = self.model.forward(*inputs, model_name=name)
+        return out[0] if isinstance(out, (list, tuple)) else out  # the graph's one output: its logits
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        # NOTE: a host round trip of the cache per rank; a traced copy graph would avoid it.
-        for rank in range(self.tp_degree):
-            for key in CACHE_KEYS:
-                t = self.model.read_from_neuron_buffer(key, rank)
-                pos = t[:, :, :, :, :length] if key == "cache_k" else t[:, :, :, :length]
-                pos[:, dst] = pos[:, src]
-                self.model.write_to_neuron_buffer(t, key, rank)
+        """On the device: the copy_slot tag rewrites slot dst inside the shared state (no host copy)."""
+        self.run(self.copy_tag, *(torch.tensor([v], dtype=torch.int64) for v in (src, dst, length)))
+
+
+def rank_checkpoints(manifest: Manifest, path: Path) -> list[dict[str, torch.Tensor]]:
+    """set_weights' argument: one state dict per rank, keyed by the traced module's names. tp = 1
+    binds the stored checkpoint itself (a tied lm_head is the embedding under its own name)."""
+    from safetensors.torch import load_file
+
+    from compile.model import ModelConfig
+    from compile.neuron.builder import full_checkpoint
+    if manifest.tp_degree == 1:
+        weights = load_file(str(path / manifest.weights[0]))
+        return [full_checkpoint(ModelConfig.from_dict(manifest.model), weights)]
+    return [load_file(str(path / f)) for f in manifest.neuron["rank_weights"]]
 
 
 class NeuronRunner(BucketedRunner):
@@ -147,7 +122,7 @@ class NeuronRunner(BucketedRunner):
         super().__init__(manifest)
         self.tp_degree = manifest.tp_degree
         self.cores = claim_cores(self.tp_degree)
-        self.graphs = TracedGraphs(manifest, path) if self.tp_degree == 1 else NxdGraphs(manifest, path)
+        self.graphs = NxdGraphs(manifest, path)
 
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
         n = len(token_ids)
@@ -170,5 +145,9 @@ class NeuronRunner(BucketedRunner):
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         if src != dst and length > 0:
-            with torch.inference_mode():  # the cache tensors came out of inference-mode calls
+            with torch.inference_mode():
                 self.graphs.copy_slot(src, dst, length)
+
+    def warmup(self) -> None:
+        super().warmup()
+        self.copy_slot(1 % self.num_slots, 0, 1)  # the copy tag too: nothing is first run while serving

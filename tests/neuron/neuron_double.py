@@ -1,23 +1,26 @@
-"""A recording test double of the documented torch-neuronx and neuronx-distributed surface.
+"""A recording test double of the documented neuronx-distributed (NxD Core ModelBuilder) surface.
 
-Only names and signatures from shared/reference/NEURON.md (and the SDK pages it cites: the
-torch-neuronx trace/replace-weights/core-placement references, NxD Core's ModelBuilderV2 API
-reference and api_guide's parallel layers) are provided. Each call is recorded in `Recorder.calls`.
-Where cheap, the double also *behaves* like the real thing on CPU, eagerly:
+Only names and signatures from shared/reference/NEURON.md and the NxD Core sources it cites
+(ModelBuilder V2, NxDModel, NxDParallelState, shard_checkpoint, the parallel layers) are provided.
+Each call is recorded in `Recorder.calls`. Where cheap, the double also *behaves* like the real thing:
 
-- torch_neuronx.trace runs the function once at the example shapes (as tracing does) and returns a
-  module that calls it eagerly; input_output_aliases are honoured (the aliased state keeps the
-  output's value between calls, as it does on the device).
-- replace_weights binds tensors by parameter name; shard_checkpoint really shards.
-- The parallel layers compute at world size 1 only (no collectives in one process).
-
-torch.jit.save/load are patched to pickle these eager modules (a real trace is a ScriptModule).
+- ModelBuilder.trace runs the module once at the example shapes (tracing runs Python once) and
+  checks what the real tracer needs: state buffers reassigned, never changed in place, with their
+  shape and dtype kept.
+- NxDModel keeps the module (with stub weights) in its saved file; set_weights checks the keys and
+  shapes against the traced module's state_dict; to_neuron allocates *device memory* per core:
+  each rank's weights, the state buffers once, and an allowance per tag (`Device`).
+- At world size 1 forward runs the module eagerly: every tag shares the one module's buffers, as
+  every tag shares the state on a device. (The parallel layers cannot all-reduce in one process.)
+- NxDParallelState without lnc_size fails off-device unless NEURON_PLATFORM_TARGET_OVERRIDE is set,
+  as NxD asks the platform for its LNC.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import importlib.machinery
-import json
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -29,12 +32,28 @@ import torch.nn.functional as F
 from torch import nn
 
 VERSIONS = {"neuronx-cc": "2.21.33363.0", "torch-neuronx": "2.9.0.2.12.1", "neuronx-distributed": "0.16.0"}
+NEFF_BYTES = 1 << 20  # the double's device allocation for one tag's NEFF on one core
+
+
+@dataclass
+class Device:
+    """Bytes resident on each NeuronCore (rank), by what they hold."""
+    by_core: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def allocate(self, core: int, what: str, nbytes: int) -> None:
+        held = self.by_core.setdefault(core, {})
+        held[what] = held.get(what, 0) + nbytes
+
+    def resident(self, core: int) -> int:
+        return sum(self.by_core.get(core, {}).values())
 
 
 @dataclass
 class Recorder:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    tp: int = 1  # the NxDParallelState in force
+    tp: int = 1                   # the NxDParallelState in force
+    execute_traces: bool = True   # run forward at trace time (world size 1 only; off for large shapes)
+    device: Device = field(default_factory=Device)
 
     def record(self, api: str, **info) -> None:
         self.calls.append((api, info))
@@ -60,72 +79,50 @@ def shapes(tensors) -> list[list[int]]:
     return [list(t.shape) for t in tensors]
 
 
-# ---------------------------------------------------------------- torch_neuronx
-
-class FakeTrace(nn.Module):
-    """Stands for the ScriptModule torch_neuronx.trace returns: calls the traced module eagerly."""
-
-    def __init__(self, module: nn.Module, aliases: dict[str, int]):
-        super().__init__()
-        self.module = module
-        self.alias_names = aliases
-
-    def forward(self, *inputs):
-        out = self.module(*inputs)
-        for name, index in self.alias_names.items():
-            set_tensor(self.module, name, out[index])
-        return out
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
-def trace(func, example_inputs, *_, input_output_aliases={}, compiler_workdir=None, compiler_args=None,  # noqa: B006
-          partitioner_config=None, inline_weights_to_neff=True, cpu_backend=False):
-    args = list(compiler_args) if isinstance(compiler_args, (list, tuple)) else str(compiler_args or "").split()
-    if cpu_backend and "--target" not in args and not any(a.startswith("--target=") for a in args):
-        raise ValueError("cpu_backend=True needs --target in compiler_args")  # as the docs require
-    names = {id(p): n for n, p in func.named_parameters()}
-    aliases = {names[id(p)]: i for p, i in input_output_aliases.items()}  # KeyError: not module state
-    with torch.no_grad():
-        out = func(*example_inputs)
-    for name, index in aliases.items():
-        state = func.get_parameter(name)
-        assert out[index].shape == state.shape and out[index].dtype == state.dtype, (name, index)
-    REC.record("torch_neuronx.trace", func=func, spec=getattr(func, "spec", None), input_shapes=shapes(example_inputs),
-               input_dtypes=[t.dtype for t in example_inputs], aliases=aliases,
-               output_shapes=shapes(out), compiler_workdir=compiler_workdir, compiler_args=args,
-               partitioner_config=partitioner_config, inline_weights_to_neff=inline_weights_to_neff,
-               cpu_backend=cpu_backend)
-    return FakeTrace(func, aliases)
-
-
-def move_trace_to_device(trace, device_id):
-    REC.record("torch_neuronx.move_trace_to_device", trace=trace, device_id=device_id)
-
-
-def replace_weights(model, weights):
-    REC.record("torch_neuronx.replace_weights", trace=model, weights=weights, keys=sorted(weights))
-    for name, value in weights.items():
-        set_tensor(model.module, name, value)
-
-
-def jit_save(obj, f, *args, **kwargs):
-    REC.record("torch.jit.save", obj=obj, path=str(f))
-    torch.save(obj, f)
-
-
-def jit_load(f, *args, **kwargs):
-    REC.record("torch.jit.load", path=str(f))
-    return torch.load(f, weights_only=False)
+def stubbed(module: nn.Module) -> nn.Module:
+    """A copy whose every parameter and buffer has its shape and dtype but one element of storage
+    (pickled through torch.save, which keeps expanded views small; deepcopy would materialise them)."""
+    saved = {n: t for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+    for name, t in saved.items():
+        set_tensor(module, name, torch.zeros((), dtype=t.dtype).expand(t.shape))
+    try:
+        blob = io.BytesIO()
+        torch.save(module, blob)
+    finally:
+        for name, t in saved.items():
+            set_tensor(module, name, t)
+    blob.seek(0)
+    return torch.load(blob, weights_only=False)
 
 
 # ---------------------------------------------------------------- neuronx_distributed
 
+def get_platform_target() -> str:
+    """NxD asks the platform what it is: the override first, else the device, which a CPU host lacks."""
+    target = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE")
+    if not target:
+        raise RuntimeError("cannot determine the platform target (logical NeuronCore size): no Neuron device "
+                           "on this host and NEURON_PLATFORM_TARGET_OVERRIDE is not set")
+    return target
+
+
 class NxDParallelState(contextlib.AbstractContextManager):
-    def __init__(self, world_size, tensor_model_parallel_size):
+    """NxD Core's parallel_context.NxDParallelState: lnc_size=None asks the platform for its LNC, and
+    entering (initialize_model_parallel) asks the platform for its hardware type either way."""
+
+    def __init__(self, world_size=1, rank=0, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                 context_parallel_size=1, expert_model_parallel_size=1, lnc_size=None):
         REC.record("neuronx_distributed.NxDParallelState", world_size=world_size,
-                   tensor_model_parallel_size=tensor_model_parallel_size)
+                   tensor_model_parallel_size=tensor_model_parallel_size, lnc_size=lnc_size)
+        self.lnc_size = lnc_size if lnc_size is not None else (2 if get_platform_target() in ("trn2", "trn3") else 1)
         self.tp, self.saved = tensor_model_parallel_size, REC.tp
 
     def __enter__(self):
+        get_platform_target()
         REC.tp = self.tp
         return self
 
@@ -151,7 +148,7 @@ class ColumnParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, sequence_parallel_enabled=False,
-                 dtype=torch.float32, device=False):
+                 dtype=torch.float32, device=None):
         super().__init__()
         self.tp = REC.tp
         self.weight = nn.Parameter(torch.zeros(output_size, input_size // self.tp, dtype=dtype), requires_grad=False)
@@ -183,6 +180,23 @@ def shard_checkpoint(checkpoint, model, start_rank=None, end_rank=None, load_on_
     return out
 
 
+def run_trace(model: nn.Module, args: tuple) -> dict[str, Any]:
+    """Run forward once as tracing does; check the state rules; leave the module's state as it was."""
+    before = dict(model.named_buffers())
+    versions = {n: b._version for n, b in before.items()}
+    with torch.no_grad():
+        out = model(*args)
+    written = []
+    for name, old in before.items():
+        new = dict(model.named_buffers())[name]
+        assert old._version == versions[name], f"state {name} changed in place: the tracer would miss it"
+        if new is not old:
+            assert new.shape == old.shape and new.dtype == old.dtype, f"state {name} changed shape or dtype"
+            written.append(name)
+        set_tensor(model, name, old)
+    return {"output_shapes": shapes(out if isinstance(out, (list, tuple)) else [out]), "state_written": written}
+
+
 class ModelBuilder:
     def __init__(self, model):
         REC.record("neuronx_distributed.ModelBuilder", model=model)
@@ -191,55 +205,80 @@ class ModelBuilder:
     def trace(self, args=None, kwargs=None, tag=None, spmd=True):
         args = args if isinstance(args, tuple) else (args,)
         model = self.model
-        REC.record("ModelBuilder.trace", tag=tag, spec=getattr(model, "spec", None), input_shapes=shapes(args),
-                   buffers={n: list(b.shape) for n, b in model.named_buffers()}, spmd=spmd, tp=REC.tp)
-        rows = args[0].shape[0] if model.spec.kind == "decode" else 1
-        self.tags.append({"tag": tag, "rows": rows, "vocab": model.full_cfg.vocab_size,
-                          "buffers": {n: list(b.shape) for n, b in model.named_buffers()}})
+        buffers = {n: list(b.shape) for n, b in model.named_buffers()}
+        ran = run_trace(model, args) if REC.execute_traces and REC.tp == 1 else {}  # no collectives here
+        REC.record("ModelBuilder.trace", tag=tag, spec=model.spec, input_shapes=shapes(args),
+                   input_dtypes=[t.dtype for t in args], buffers=buffers, spmd=spmd, tp=REC.tp, **ran)
+        self.tags.append({"tag": tag, "spec": model.spec, "input_shapes": shapes(args)})
         return self
 
     def compile(self, priority_model_key=None, compiler_workdir=None, compiler_args=None, max_workers=None):
         REC.record("ModelBuilder.compile", priority_model_key=priority_model_key, compiler_workdir=compiler_workdir,
-                   compiler_args=compiler_args, max_workers=max_workers, tp=REC.tp)
-        return NxDModel(world_size=REC.tp, tags=self.tags)
+                   compiler_args=compiler_args, max_workers=max_workers, tp=REC.tp,
+                   platform_target=os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE"))
+        return NxDModel(world_size=REC.tp, tags=self.tags, module=stubbed(self.model))
 
 
 class NxDModel(nn.Module):
     def __init__(self, world_size, start_rank=None, local_ranks_size=None, state_initializer=None,
-                 layout_transformer=None, tags=()):
+                 layout_transformer=None, tags=(), module=None):
         super().__init__()
-        self.world_size, self.tags, self.loaded = world_size, {t["tag"]: t for t in tags}, False
+        self.world_size, self.tags, self.module, self.loaded = world_size, {t["tag"]: t for t in tags}, module, False
+        self.rank_weights: list[dict[str, torch.Tensor]] = []
 
     def save(self, path_to_save, save_weights=False):
         REC.record("NxDModel.save", path=path_to_save, save_weights=save_weights)
-        Path(path_to_save).write_text(json.dumps({"world_size": self.world_size, "tags": list(self.tags.values())}))
+        torch.save({"world_size": self.world_size, "tags": list(self.tags.values()), "module": self.module},
+                   path_to_save)
 
     @classmethod
     def load(cls, path_to_model, start_rank=None, local_ranks_size=None):
         REC.record("NxDModel.load", path=path_to_model, start_rank=start_rank, local_ranks_size=local_ranks_size)
-        saved = json.loads(Path(path_to_model).read_text())
-        return cls(saved["world_size"], tags=saved["tags"])
+        saved = torch.load(path_to_model, weights_only=False)
+        return cls(saved["world_size"], tags=saved["tags"], module=saved["module"])
 
     def set_weights(self, sharded_checkpoint):
         assert not self.loaded, "set_weights after to_neuron raises ValueError"
         REC.record("NxDModel.set_weights", sharded_checkpoint=sharded_checkpoint)
+        assert len(sharded_checkpoint) == self.world_size, "one state dict per rank"
+        expected = {n: t.shape for n, t in self.module.state_dict().items()}
+        for rank, weights in enumerate(sharded_checkpoint):
+            assert set(weights) == set(expected), (f"rank {rank}: missing {sorted(set(expected) - set(weights))}, "
+                                                   f"unexpected {sorted(set(weights) - set(expected))}")
+            if self.world_size == 1:
+                for name, t in weights.items():
+                    assert t.shape == expected[name], (name, t.shape, expected[name])
+        self.rank_weights = list(sharded_checkpoint)
 
     def to_neuron(self):
         REC.record("NxDModel.to_neuron")
+        assert self.rank_weights, "to_neuron before set_weights"
+        buffers = dict(self.module.named_buffers())
+        for rank, weights in enumerate(self.rank_weights):
+            REC.device.allocate(rank, "weights", sum(nbytes(t) for t in weights.values()))
+            REC.device.allocate(rank, "state", sum(b.numel() * b.element_size() for b in buffers.values()))
+            REC.device.allocate(rank, "neff", NEFF_BYTES * len(self.tags))
+        if self.world_size == 1:  # bind the weights, zero the state: the module now runs as the device would
+            for name, t in self.rank_weights[0].items():
+                set_tensor(self.module, name, t)
+            for name, b in buffers.items():
+                set_tensor(self.module, name, torch.zeros(b.shape, dtype=b.dtype))
         self.loaded = True
 
     def forward(self, *args, model_name: Optional[str] = None, forward_mode="default", **kwargs):
         assert self.loaded, "forward before to_neuron raises RuntimeError"
-        REC.record("NxDModel.forward", model_name=model_name, input_shapes=shapes(args), forward_mode=forward_mode)
+        REC.record("NxDModel.forward", model_name=model_name, input_shapes=shapes(args),
+                   input_dtypes=[t.dtype for t in args], forward_mode=forward_mode)
         tag = self.tags[model_name]
-        return torch.zeros(tag["rows"], tag["vocab"])
-
-    def read_from_neuron_buffer(self, buffer_key, rank):
-        REC.record("NxDModel.read_from_neuron_buffer", buffer_key=buffer_key, rank=rank)
-        return torch.zeros(next(iter(self.tags.values()))["buffers"][buffer_key])
-
-    def write_to_neuron_buffer(self, tensor, buffer_key, rank):
-        REC.record("NxDModel.write_to_neuron_buffer", shape=list(tensor.shape), buffer_key=buffer_key, rank=rank)
+        assert shapes(args) == tag["input_shapes"], f"{model_name}: inputs {shapes(args)}, traced {tag['input_shapes']}"
+        spec = tag["spec"]
+        # 'default' mode returns the traced forward's own output (one tensor here), aliased state left out
+        if self.world_size == 1:
+            self.module.spec = spec
+            with torch.no_grad():
+                return self.module(*args)
+        rows = {"decode": spec.batch, "copy_slot": 0}.get(spec.kind, 1)
+        return torch.zeros(rows, self.module.full_cfg.vocab_size) if rows else args[2].clone()
 
 
 # ---------------------------------------------------------------- installing it
@@ -252,12 +291,12 @@ def module(name: str, **attrs) -> types.ModuleType:
 
 
 def install(monkeypatch, with_nxd: bool = True) -> Recorder:
-    """Put the double in sys.modules, patch torch.jit.save/load and the installed versions."""
+    """Put the double in sys.modules, patch the installed versions, reset the recorder."""
     from compile.neuron import toolchain
     REC.calls.clear()
-    REC.tp = 1
-    monkeypatch.setitem(sys.modules, "torch_neuronx", module(
-        "torch_neuronx", trace=trace, move_trace_to_device=move_trace_to_device, replace_weights=replace_weights))
+    REC.tp, REC.execute_traces, REC.device = 1, True, Device()
+    # Kiln only checks that torch_neuronx is importable (its graphs are built through NxD Core).
+    monkeypatch.setitem(sys.modules, "torch_neuronx", module("torch_neuronx"))
     if with_nxd:
         layers = module("neuronx_distributed.parallel_layers", ColumnParallelLinear=ColumnParallelLinear,
                         RowParallelLinear=RowParallelLinear)
@@ -267,10 +306,8 @@ def install(monkeypatch, with_nxd: bool = True) -> Recorder:
         monkeypatch.setitem(sys.modules, "neuronx_distributed.parallel_layers", layers)
     else:
         monkeypatch.setitem(sys.modules, "neuronx_distributed", None)
-    monkeypatch.setattr(torch.jit, "save", jit_save)
-    monkeypatch.setattr(torch.jit, "load", jit_load)
     monkeypatch.setattr(toolchain, "installed_version", VERSIONS.get)
     monkeypatch.setenv("KILN_NEURON_INSTANCE_TYPE", "inf2.xlarge")
-    monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
-    monkeypatch.delenv("NEURON_RT_NUM_CORES", raising=False)
+    for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_PLATFORM_TARGET_OVERRIDE"):
+        monkeypatch.delenv(var, raising=False)
     return REC

@@ -27,7 +27,7 @@ def test_target_neuron_without_toolchain_exits_nonzero_with_one_line(tiny_llama_
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: --target neuron needs torch-neuronx and neuronx-cc")
+    assert lines[0].startswith("error: --target neuron needs torch-neuronx, neuronx-cc and neuronx-distributed")
     assert "AWS Neuron package index" in lines[0] and "pytorch-inference-neuronx" in lines[0]
     assert not out.exists()
 
@@ -38,26 +38,28 @@ def test_dry_run_prints_the_whole_plan_without_weights(tiny_llama_dir, capsys, m
     assert main(["--checkpoint", str(tiny_llama_dir), "--target", "neuron", "--neuron-target", "trn1",
                  "--dry-run", *TINY]) == 0
     text = capsys.readouterr().out
-    assert "tp 1, LNC 1" in text and "torch_neuronx.trace per bucket" in text
-    assert "inline_weights_to_neff=False" in text
-    assert "cache_k [2,4,2,128,16] and cache_v [2,4,2,128,16]" in text
-    assert "graphs (12):" in text
+    assert "tp 1, LNC 1" in text and "tracer NxD Core ModelBuilder (one NxDModel" in text
+    assert "save_weights=False" in text and "bound once by set_weights from weights/model.safetensors" in text
+    assert "cache_k [2,4,2,128,16] and cache_v [2,4,2,128,16]" in text and "never returned to the host" in text
+    assert "graphs (13):" in text  # 12 buckets and the copy_slot tag
     assert "prefill_s16 " in text and "in: input_ids[16] start_pos[1] last_index[1] slot[1]" in text
-    assert "prefill_chunk_s64_p128" in text
+    assert "prefill_chunk_s64_p128" in text and "in: src[1] dst[1] length[1]" in text
     decode = next(line for line in text.splitlines() if line.strip().startswith("decode_b4_k64"))
-    assert "in: input_ids[4] positions[4]" in decode and "aliases: cache_k->output 1, cache_v->output 2" in decode
-    assert "--target trn1" in text and "-O1" in text and "-O2" in text
-    assert "HBM per NeuronCore (estimate)" in text and "of 16 GiB: fits" in text
+    assert decode.endswith("in: input_ids[4] positions[4]  out: logits[4,256]") or "out: logits[4," in decode
+    assert "--target trn1" in text and "-O1" in text and "-O2" in text and "--enable-saturate-infinity" in text
+    assert "HBM per NeuronCore (estimate" in text and "of 16 GiB: fits" in text
+    assert "KV state, once, shared by every graph: 2 x 2x4x2x128x16 x 2 B" in text
+    assert "neuronx-cc jobs at once:" in text
 
 
 def test_dry_run_tp2_shows_sharding_and_buffer_aliasing(tiny_llama_dir, capsys):
     assert main(["--checkpoint", str(tiny_llama_dir), "--target", "neuron", "--neuron-target", "trn2",
                  "--tp-degree", "2", "--dry-run", *TINY]) == 0
     text = capsys.readouterr().out
-    assert "ModelBuilder (one tag per bucket, one NxDModel)" in text and "LNC 2" in text
-    assert "sharded once per rank into 2 weights/tp_rank_XX.safetensors" in text
+    assert "tracer NxD Core ModelBuilder" in text and "LNC 2" in text
+    assert "from 2 weights/tp_rank_XX.safetensors, sharded once per rank" in text
     assert "cache_k [2,4,1,128,16]" in text and "buffers reassigned in forward" in text
-    assert "of 24 GiB" in text
+    assert "of 24 GiB" in text and "projections and lm_head split over tp" in text
 
 
 def test_dry_run_refuses_an_indivisible_tp_in_one_line(tiny_llama_dir, capsys):
@@ -82,6 +84,36 @@ def test_hbm_estimate_counts_sharded_weights_and_per_rank_cache(tiny_llama_dir):
     kv_one = 2 * model.num_layers * 4 * model.num_kv_heads * 128 * model.head_dim * 2
     assert one.kv_bytes == kv_one and two.kv_bytes == kv_one // 2
     embed = model.vocab_size * model.hidden_size * 2
-    # tp 2: the replicated embedding stays whole, the (tied, so separately stored) lm_head is split
-    assert two.weights_bytes > one.weights_bytes // 2 and two.weights_bytes < one.weights_bytes + embed
+    # tp 2: the replicated embedding stays whole, the (tied, so separately held) lm_head is split
+    assert embed < two.weights_bytes < one.weights_bytes - embed // 2 + 1
     assert one.capacity_gib == 16 and one.fits
+    # one allowance per graph (4 buckets + the copy tag), beside weights and KV counted once
+    assert [g.name for g in one.graphs] == ["prefill_s16", "prefill_chunk_s16_p128", "decode_b1_k128",
+                                           "decode_b4_k128", "copy_slot"]
+    assert one.total_gib * 2 ** 30 == one.weights_bytes + one.kv_bytes + sum(g.total_bytes for g in one.graphs)
+    # hand-checkable: prefill_s16 scratch = 4 B x (16 x (2 hidden + 2 intermediate + heads x 16) + vocab)
+    per_row = 2 * model.hidden_size + 2 * model.intermediate_size + model.num_heads * 16
+    assert one.graphs[0].scratch_bytes == 4 * (16 * per_row + model.vocab_size)
+
+
+def test_dry_run_of_a_llama_8b_shaped_config_at_tp_1_2_8(tmp_path, capsys):
+    """Llama-3.1-8B's shape (config.json only): does not fit one inf2 core, fits at tp 8."""
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
+    totals = {}
+    for tp in (1, 2, 8):
+        assert main(["--checkpoint", str(tmp_path), "--target", "neuron", "--neuron-target", "inf2", "--tp-degree",
+                     str(tp), "--max-num-seqs", "8", "--max-model-len", "4096", "--dry-run"]) == 0
+        text = capsys.readouterr().out
+        weights = float(text.split("weights, once per rank, shared by every graph: ")[1].split(" GiB")[0])
+        kv = float(text.split("KV state, once, shared by every graph: ")[1].split("= ")[1].split(" GiB")[0])
+        totals[tp] = (weights, kv, "fits" in text.split("total: ")[1].split("\n")[0])
+    # 8.03B parameters in bf16 = 14.96 GiB at tp 1; KV 2 x 32 x 8 x 8 x 4096 x 128 x 2 B = 4 GiB
+    assert totals[1] == (14.958, 4.0, False)
+    assert totals[8][1] == 0.5 and totals[8][2] and totals[8][0] < 14.958 / 4

@@ -1,9 +1,10 @@
 """NeuronRunner against the double: loading, core claiming, host checks, and eager parity with the cpu target.
 
-The parity tests run the neuron bucket graphs *eagerly on CPU* (the double's trace returns the module
-itself): same logits and greedy tokens as the cpu target prove that the in-graph cache update
-(out-of-place scatter, padding rows parked at the never-read last position, chunked prefill reading
-the slot back, the hand-over of the cache between graphs) is right. They say nothing about neuronx-cc.
+The parity tests run the NxDModel's tags *eagerly on CPU* (at world size 1 the double's NxDModel runs
+the one traced module, its buffers shared by every tag as the state is on a device): the same logits
+and greedy tokens as the cpu target prove that the in-graph cache update (index_put writes, padding
+rows parked at the never-read last position, chunked prefill reading the slot back, the device-side
+slot copy) is right. They say nothing about neuronx-cc.
 """
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ import sys
 import pytest
 import torch
 
-from compile.buckets import GraphSpec
 from compile.manifest import ArtifactError, Manifest
 from compile.model import ModelConfig
 from compile.neuron import toolchain
-from compile.neuron.graphs import MODEL_BUILDER, NeuronBucketGraph
 from neuron import neuron_double
 from neuron.conftest import build_neuron
 from server.runner.artifact import NEURON_HINT, verify_artifact
 from server.runner.cpu_runner import CpuRunner
-from server.runner.neuron_runner import NeuronRunner, claim_cores
+from server.runner.neuron_runner import NeuronRunner, claim_cores, count_cores
 
 
 @pytest.fixture
@@ -85,25 +84,22 @@ def assert_same(neuron_outs, cpu_outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"logits differ at step {i}")
 
 
-def test_load_binds_weights_once_per_graph_and_moves_each_to_a_core(tp1_artifact, neuron_double_installed):
+def test_load_is_one_nxd_model_with_the_weights_bound_once(tp1_artifact, neuron_double_installed):
     rec = neuron_double_installed
+    rec.calls.clear()
     runner = open_runner(tp1_artifact)
-    manifest = Manifest.read(tp1_artifact)
-    loads = rec.of("torch.jit.load")
-    assert sorted(l["path"] for l in loads) == sorted(str(tp1_artifact / g["file"]) for g in manifest.graphs)
-    binds = rec.of("torch_neuronx.replace_weights")
-    moves = rec.of("torch_neuronx.move_trace_to_device")
-    graphs = list(runner.graphs.graphs.values())
-    assert [b["trace"] for b in binds] == graphs and [m["trace"] for m in moves] == graphs
-    assert all(b["weights"] is binds[0]["weights"] for b in binds)  # one shared host copy
-    assert binds[0]["keys"] == sorted(runner.graphs.weights)
-    assert all(m["device_id"] == 0 for m in moves)
+    assert [name for name, _ in rec.calls] == ["NxDModel.load", "NxDModel.set_weights", "NxDModel.to_neuron"]
+    assert rec.of("NxDModel.load")[0]["path"] == str(tp1_artifact / "graphs/nxd_model.pt")
+    (weights,) = rec.of("NxDModel.set_weights")[0]["sharded_checkpoint"]  # one rank; keys checked by the double
+    model = ModelConfig.from_dict(Manifest.read(tp1_artifact).model)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]  # tied: no second host copy
+    assert model.tie_word_embeddings
     assert runner.cores == "NEURON_RT_NUM_CORES=1"
     rec.calls.clear()
-    runner.warmup()  # every bucket once
-    called = {c["trace"] for c in rec.of("torch_neuronx.replace_weights")}
-    assert len(called) <= len(graphs)  # hand-overs only: weights are never re-bound
-    assert all(c["keys"] == ["cache_k", "cache_v"] for c in rec.of("torch_neuronx.replace_weights"))
+    runner.warmup()  # every tag once, the copy tag included; weights never bound again
+    called = {c["model_name"] for c in rec.of("NxDModel.forward")}
+    assert called == {g["name"] for g in Manifest.read(tp1_artifact).graphs} | {"copy_slot"}
+    assert not rec.of("NxDModel.set_weights")
 
 
 def test_tp1_runner_matches_cpu_target(tp1_artifact, tiny_artifact):
@@ -116,40 +112,62 @@ def test_prompt_filling_the_whole_context_matches_cpu_target(tp1_artifact, tiny_
     assert_same(fill_context(open_runner(tp1_artifact)), fill_context(cpu))
 
 
-class EagerModelBuilderGraphs:
-    """What an NxDModel does with one module traced at many tags, run eagerly at world size 1:
-    every tag shares the module's cache buffers, which forward reassigns."""
-
-    def __init__(self, path):
-        from safetensors.torch import load_file
-
-        from compile.neuron.parallel import full_checkpoint
-        manifest = Manifest.read(path)
-        model = ModelConfig.from_dict(manifest.model)
-        self.specs = {g["name"]: GraphSpec(g["kind"], g["seq_len"], g["batch"], g["kv_len"]) for g in manifest.graphs}
-        with neuron_double.NxDParallelState(world_size=1, tensor_model_parallel_size=1):
-            self.module = NeuronBucketGraph(model, next(iter(self.specs.values())), manifest.max_num_seqs,
-                                            manifest.max_model_len, torch.float32, 1, MODEL_BUILDER)
-        for name, tensor in full_checkpoint(model, load_file(str(path / manifest.weights[0]))).items():
-            neuron_double.set_tensor(self.module, name, tensor)
-
-    def run(self, name, *inputs):
-        self.module.spec = self.specs[name]
-        return self.module(*inputs)
-
-    def copy_slot(self, src, dst, length):
-        k, v = self.module.cache_k.clone(), self.module.cache_v.clone()
-        k[:, dst, :, :, :length] = k[:, src, :, :, :length]
-        v[:, dst, :, :length] = v[:, src, :, :length]
-        self.module.cache_k, self.module.cache_v = k, v
-
-
-def test_model_builder_graph_with_parallel_layers_matches_cpu_target(tp1_artifact, tiny_artifact):
+def test_copy_slot_on_the_device_copies_only_the_first_positions(tp1_artifact, neuron_double_installed):
+    """length < head_dim: the copy is along positions, not head_dim (both caches are [L, N, KV, P, D])."""
     runner = open_runner(tp1_artifact)
-    runner.graphs = EagerModelBuilderGraphs(tp1_artifact)
-    assert isinstance(runner.graphs.module.lm_head, neuron_double.ColumnParallelLinear)
-    cpu = CpuRunner(Manifest.read(tiny_artifact), tiny_artifact)
-    assert_same(drive(runner), drive(cpu))
+    v = runner.vocab_size
+    runner.prefill(1, prompt(12, 5, v), 0)
+    runner.prefill(0, prompt(30, 6, v), 0)
+    state = runner.graphs.model.module
+    before_k, before_v = state.cache_k.clone(), state.cache_v.clone()
+    length = 5
+    assert length < runner.model.head_dim
+    neuron_double_installed.calls.clear()
+    runner.copy_slot(1, 0, length)
+    (call,) = neuron_double_installed.of("NxDModel.forward")  # one device call, no host round trip
+    assert call["model_name"] == "copy_slot" and call["input_shapes"] == [[1], [1], [1]]
+    for before, after in ((before_k, state.cache_k), (before_v, state.cache_v)):
+        assert torch.equal(after[:, 0, :, :length], before[:, 1, :, :length])
+        assert torch.equal(after[:, 0, :, length:], before[:, 0, :, length:])  # the rest of slot 0 kept
+        assert torch.equal(after[:, 1:], before[:, 1:])                        # other slots untouched
+        assert not torch.equal(after[:, 0, :, :length], before[:, 0, :, :length])
+
+
+def test_device_memory_is_weights_once_and_kv_once(tp1_artifact, neuron_double_installed):
+    """Whatever the number of buckets: each rank's weights once, the KV state once, a NEFF per tag."""
+    from compile.config import CompileConfig
+    from compile.neuron.plan import hbm_per_core
+    manifest = Manifest.read(tp1_artifact)
+    open_runner(tp1_artifact)
+    settings = dict(dtype=manifest.dtype, context_buckets=tuple(manifest.buckets["context"]),
+                    batch_buckets=tuple(manifest.buckets["batch"]), kv_buckets=tuple(manifest.buckets["kv"]),
+                    max_num_seqs=manifest.max_num_seqs, max_model_len=manifest.max_model_len)
+    est = hbm_per_core(CompileConfig(checkpoint="x", target="neuron", neuron_target="inf2", **settings),
+                       ModelConfig.from_dict(manifest.model))
+    held = neuron_double_installed.device.by_core
+    assert set(held) == {0}
+    assert held[0] == {"weights": est.weights_bytes, "state": est.kv_bytes,
+                       "neff": neuron_double.NEFF_BYTES * len(est.graphs)}
+
+
+@pytest.mark.slow
+def test_smollm2_default_plan_holds_weights_once_and_kv_once(neuron_double_installed, tmp_path):
+    """The SmolLM2 checkpoint with the default buckets (30 graphs and the copy tag): resident bytes on
+    the core are its weights once and its KV state once (about 1 GiB), not once per graph."""
+    from compile.config import CompileConfig
+    from compile.export import build_artifact
+    from compile.neuron.plan import hbm_per_core
+    rec = neuron_double_installed
+    rec.execute_traces = False  # shapes only: thirty full-size eager traces would take minutes
+    cfg = CompileConfig(checkpoint="smollm2-135m-instruct", target="neuron", neuron_target="inf2")
+    build_artifact(cfg, tmp_path / "smollm2", progress=False)
+    open_runner(tmp_path / "smollm2")
+    est = hbm_per_core(cfg, ModelConfig.from_dict(Manifest.read(tmp_path / "smollm2").model))
+    assert len(est.graphs) == 31
+    held = rec.device.by_core[0]
+    assert held["weights"] == est.weights_bytes and held["state"] == est.kv_bytes
+    assert rec.device.resident(0) - held["neff"] == est.resident_bytes
+    assert est.resident_bytes < 1.1 * 2 ** 30  # one graph's worth: 269 MB of weights + 755 MB of KV
 
 
 def test_tp2_runner_loads_one_nxd_model_with_per_rank_weights(neuron_double_installed, tiny_llama_dir,
@@ -165,17 +183,30 @@ def test_tp2_runner_loads_one_nxd_model_with_per_rank_weights(neuron_double_inst
     shards = weights["sharded_checkpoint"]
     assert len(shards) == 2 and shards[0]["model.layers.0.self_attn.q_proj.weight"].shape[0] == 32
     assert [name for name, _ in rec.calls] == ["NxDModel.load", "NxDModel.set_weights", "NxDModel.to_neuron"]
+    assert set(rec.device.by_core) == {0, 1}
+    assert rec.device.by_core[0]["state"] == rec.device.by_core[1]["state"]  # each rank: its KV heads, once
     runner.warmup()
     called = [c["model_name"] for c in rec.of("NxDModel.forward")]
-    assert set(called) == {g["name"] for g in Manifest.read(path).graphs}
+    assert set(called) == {g["name"] for g in Manifest.read(path).graphs} | {"copy_slot"}
     out = runner.decode([1, 2, 3], [5, 6, 7])
     assert out.logits.shape == (3, runner.vocab_size) and out.run.bucket == "decode_b4_k32"
     assert rec.of("NxDModel.forward")[-1]["input_shapes"] == [[4], [4]]
     runner.copy_slot(1, 0, 6)
-    reads = rec.of("NxDModel.read_from_neuron_buffer")
-    writes = rec.of("NxDModel.write_to_neuron_buffer")
-    assert {(r["buffer_key"], r["rank"]) for r in reads} == {(k, r) for k in ("cache_k", "cache_v") for r in (0, 1)}
-    assert len(writes) == 4
+    assert rec.of("NxDModel.forward")[-1]["model_name"] == "copy_slot"
+
+
+@pytest.mark.parametrize("spec,count", [("3", 1), ("0-3", 4), ("2,3", 2), ("51,52", 2), ("0-1,4,6-7", 5),
+                                        (" 2, 3 ", 2), ("1,1", 1), ("a", 0), ("3-1", 0), ("1-", 0), ("", 0)])
+def test_visible_cores_parse_lists_and_ranges(spec, count):
+    """NEURON_RT_VISIBLE_CORES as the Kubernetes device plugin sets it is a comma list (NEURON.md §12)."""
+    assert count_cores(spec) == count
+
+
+def test_visible_cores_from_the_device_plugin_are_accepted(monkeypatch):
+    monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "2,3")
+    assert claim_cores(2) == "NEURON_RT_VISIBLE_CORES=2,3"
+    with pytest.raises(ArtifactError, match="gives 2 NeuronCore"):
+        claim_cores(4)
 
 
 def test_visible_cores_are_respected_or_refused(monkeypatch):

@@ -1,14 +1,20 @@
-"""XLA lowering check of the neuron bucket graphs, on CPU (PJRT_DEVICE=CPU), no Neuron needed.
+"""XLA lowering check of the neuron graphs, on CPU (PJRT_DEVICE=CPU), no Neuron needed.
 
-torch-neuronx traces through torch-xla, so this is the closest check available off Neuron hardware:
-the same NeuronBucketGraph modules neuronx-cc would receive are lowered by torch-xla and run on its
-CPU backend. It shows (1) every bucket lowers to one static graph, compiled once, (2) a mixed
-workload (prefills in two buckets, a chunked prompt, decodes whose batch and span buckets change)
-causes no recompilation once every bucket has run, (3) the greedy tokens equal the cpu target's
-math (compile.model run eagerly with the cache written outside the graph, as CpuRunner does).
+NxD Core's ModelBuilder traces through torch-xla, so this is the closest check available off Neuron
+hardware: the one NeuronBucketGraph module every tag is traced from (its `spec` switched per call,
+its cache buffers shared by every tag, as ModelBuilder shares state) is lowered by torch-xla and run
+on its CPU backend, with neuronx-distributed's parallel layers at world size 1 (the test double's,
+which are plain linears there). It shows, per graph:
+1. every bucket lowers to one static graph, compiled once, and a second mixed workload (prefills in
+   two buckets, a chunked prompt, decodes whose batch and span change, slot copies) compiles nothing;
+2. the HLO has no f64, and no -inf constant except as a max-reduction's start value (softmax's own);
+3. every scatter/gather index operand is bounded by the bucket's own K/V size (L x KV x rows x D,
+   rows = S, B or one slot's positions), never L x KV x max_len x D per write (NEURON.md §12);
+4. the greedy tokens equal the cpu target's math (compile.model run eagerly with the cache written
+   outside the graph, as CpuRunner does).
 
-Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv.
-Skipped wherever torch_xla is not importable (the main environment).
+Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv
+(.ci/run does). Skipped wherever torch_xla is not importable (the main environment).
 """
 from __future__ import annotations
 
@@ -23,9 +29,14 @@ import torch  # noqa: E402
 import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 
+import re  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
 from compile.buckets import GraphSpec  # noqa: E402
 from compile.model import ModelConfig, Weights, decode, prefill, weight_names  # noqa: E402
-from compile.neuron.graphs import TRACE, NeuronBucketGraph, weight_shapes  # noqa: E402
+from compile.neuron.graphs import COPY_SLOT, NeuronBucketGraph, weight_shapes  # noqa: E402
+from neuron import neuron_double  # noqa: E402
 
 pytestmark = pytest.mark.xla
 sync = getattr(torch_xla, "sync", xm.mark_step)  # torch_xla.sync is the newer name
@@ -36,7 +47,7 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=6
                   sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 SPECS = [GraphSpec("prefill", seq_len=s) for s in CONTEXT] + [GraphSpec("prefill_chunk", seq_len=32, kv_len=MAX_LEN)] + [
-    GraphSpec("decode", batch=b, kv_len=k) for b in (1, 2, 4) for k in (32, 64)]
+    GraphSpec("decode", batch=b, kv_len=k) for b in (1, 2, 4) for k in (32, 64)] + [COPY_SLOT]
 
 
 def random_weights() -> dict[str, torch.Tensor]:
@@ -80,29 +91,41 @@ class CpuReference:
         self.v[:, rows, :, at] = nv.permute(1, 0, 2, 3)
         return logits
 
+    def copy_slot(self, src, dst, length):
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def install_parallel_layers() -> None:
+    """neuronx-distributed's parallel layers at world size 1 (the test double's: plain linears)."""
+    layers = types.ModuleType("neuronx_distributed.parallel_layers")
+    layers.ColumnParallelLinear = neuron_double.ColumnParallelLinear
+    layers.RowParallelLinear = neuron_double.RowParallelLinear
+    sys.modules.setdefault("neuronx_distributed", types.ModuleType("neuronx_distributed"))
+    sys.modules["neuronx_distributed.parallel_layers"] = layers
+
 
 class XlaGraphs:
-    """The neuron bucket modules on the XLA device; the one cache is handed from graph to graph."""
+    """The one module on the XLA device: every tag reads and reassigns the same cache buffers."""
 
     def __init__(self, weights):
+        install_parallel_layers()
         self.device = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
-        self.graphs = {}
-        for spec in SPECS:
-            module = NeuronBucketGraph(CFG, spec, SLOTS, MAX_LEN, torch.float32, 1, TRACE)
-            for name, value in weights.items():
-                *path, leaf = name.split(".")
-                module.get_submodule(".".join(path))._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-            self.graphs[spec.name] = module.to(self.device)
-        first = next(iter(self.graphs.values()))  # the cache starts as device data, like the weights
-        self.cache = (torch.zeros(first.cache_k.shape).to(self.device), torch.zeros(first.cache_v.shape).to(self.device))
+        module = NeuronBucketGraph(CFG, SPECS[0], SLOTS, MAX_LEN, torch.float32, 1)
+        checkpoint = dict(weights, **{"lm_head.weight": weights["model.embed_tokens.weight"]})
+        for name, value in checkpoint.items():
+            neuron_double.set_tensor(module, name, value.clone())
+        self.module = module.to(self.device)
+        self.specs = {spec.name: spec for spec in SPECS}
+        self.hlo: dict[str, str] = {}  # the first lowering of each graph
 
     def run(self, name, *inputs):
-        module = self.graphs[name]
-        module.cache_k, module.cache_v = (torch.nn.Parameter(t, requires_grad=False) for t in self.cache)
-        logits, k, v = module(*(t.to(self.device) for t in inputs))
-        self.cache = (k, v)
-        sync()  # one graph per bucket call: logits and the new cache materialize together
-        return logits.cpu()
+        self.module.spec = self.specs[name]
+        out = self.module(*(t.to(self.device) for t in inputs))
+        if name not in self.hlo:
+            self.hlo[name] = torch_xla._XLAC._get_xla_tensors_hlo([out, self.module.cache_k, self.module.cache_v])
+        sync()  # one graph per call: the output and the new state materialize together
+        return out.cpu()
 
     def prefill(self, slot, ids, start):
         n, s = len(ids), (CONTEXT[-1] if start else next(c for c in CONTEXT if c >= len(ids)))
@@ -118,6 +141,9 @@ class XlaGraphs:
         x, at = torch.zeros(b, dtype=torch.int64), torch.full((b,), MAX_LEN - 1, dtype=torch.int64)
         x[:n], at[:n] = torch.tensor(ids), torch.tensor(pos)
         return self.run(f"decode_b{b}_k{span}", x, at)[:n]
+
+    def copy_slot(self, src, dst, length):
+        self.run(COPY_SLOT.name, *(torch.tensor([v]) for v in (src, dst, length)))
 
 
 def workload(runner, seed: int) -> list[int]:
@@ -157,6 +183,11 @@ def workload(runner, seed: int) -> list[int]:
     step(1)             # decode_b1_k64
     for _ in range(10):
         step(3)
+    runner.copy_slot(2, 0, pos[2] - 3)  # a fork of slot 2's first positions into slot 0 (copy_slot tag)
+    last[0], pos[0] = last[2], pos[2]
+    runner.copy_slot(2, 0, pos[2])      # then all of them: slot 0 continues slot 2
+    for _ in range(4):
+        step(3)
     return tokens
 
 
@@ -165,14 +196,62 @@ def compiles() -> int:
     return data[0] if data else 0
 
 
-def test_each_bucket_compiles_once_and_matches_the_cpu_target():
+OPERAND = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+def numel(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def index_operands(hlo: str) -> list[tuple[str, int]]:
+    """(op, numel of its index operand) for every scatter and gather: the second operand of each."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \S+ (scatter|gather)\((.*)\)", line)
+        if m:
+            operands = OPERAND.findall(m.group(2))
+            found.append((m.group(1), numel(operands[1][1])))
+    return found
+
+
+def bad_negative_infinities(hlo: str) -> list[str]:
+    """Lines that use a -inf constant other than as a reduce's start value (softmax's max-reduction)."""
+    names = re.findall(r"(%[\w.]+) = \w+\[\] constant\(-inf\)", hlo)
+    bad = []
+    for name in names:
+        for line in hlo.splitlines():
+            uses = re.search(re.escape(name) + r"\b(?!\s*=)", line)
+            if uses and " constant(-inf)" not in line and not (" reduce(" in line and f"{name})" in line):
+                bad.append(line.strip())
+    return bad
+
+
+def own_kv_elements(spec: GraphSpec) -> int:
+    rows = {"decode": spec.batch, "copy_slot": MAX_LEN}.get(spec.kind, spec.seq_len)
+    return CFG.num_layers * CFG.num_kv_heads * rows * CFG.head_dim
+
+
+def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
     weights = random_weights()
     xla = XlaGraphs(weights)
     before = compiles()
     first = workload(xla, seed=1)
     after_first = compiles()
+    assert sorted(xla.hlo) == sorted(s.name for s in SPECS)  # the workload ran every graph
     assert after_first - before == len(SPECS), met.short_metrics_report()
-    second = workload(xla, seed=2)  # same buckets, other tokens: nothing new to compile
+    second = workload(xla, seed=2)  # same graphs, other tokens: nothing new to compile
     assert compiles() == after_first, met.short_metrics_report()
     assert first == workload(CpuReference(weights), seed=1)
     assert second == workload(CpuReference(weights), seed=2)
+    full_cache = CFG.num_layers * SLOTS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
+    for spec in SPECS:
+        hlo = xla.hlo[spec.name]
+        assert "f64" not in hlo, (spec.name, [line for line in hlo.splitlines() if "f64" in line][:3])
+        assert not bad_negative_infinities(hlo), (spec.name, bad_negative_infinities(hlo)[:3])
+        ops = index_operands(hlo)
+        assert any(op == "scatter" for op, _ in ops), spec.name  # the state update is in the graph
+        for op, size in ops:
+            assert size <= own_kv_elements(spec) < full_cache, (spec.name, op, size, own_kv_elements(spec))
