@@ -36,7 +36,8 @@ def opt_level(kind: str) -> str:
 
 
 def compiler_args(kind: str, neuron_target: str) -> list[str]:
-    """neuronx-cc arguments for one graph kind. --target is required with cpu_backend=True (§1.1)."""
+    """neuronx-cc arguments for one graph kind (one tag of ModelBuilder.compile). NxD adds neither
+    --target nor --lnc itself, and drops its defaults once arguments are given (NEURON.md §12)."""
     args = ["--target", neuron_target, "--auto-cast=none", "--model-type=transformer",
             f"--tensorizer-options={tensorizer_options(kind)}", f"--lnc={LNC[neuron_target]}"]
     if neuron_target in SATURATE_INFINITY_TARGETS:

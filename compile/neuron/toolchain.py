@@ -25,8 +25,8 @@ TORCH_NEURONX_SERIES = "2.9"   # torch-neuronx versions are <pytorch version>.<n
 # DLC Dockerfiles; 2.32 pins 2.9.0.2.15 again and ships no NxD, so 2.15 is reported as 2.31).
 SDK_OF_TORCH_NEURONX = {"2.11": "2.27", "2.12": "2.28", "2.13": "2.29", "2.14": "2.30", "2.15": "2.31"}
 DLC_IMAGE = "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
-TOOLCHAIN_HINT = ("--target neuron needs torch-neuronx, neuronx-cc and neuronx-distributed (pip install them from the AWS Neuron "
-                  f"package index, or run inside the Neuron DLC image {DLC_IMAGE}); "
+TOOLCHAIN_HINT = ("--target neuron needs torch-neuronx, neuronx-cc and neuronx-distributed (pip install them "
+                  f"from the AWS Neuron package index, or run inside the Neuron DLC image {DLC_IMAGE}); "
                   "--dry-run prints the compile plan without them")
 
 # EC2 instance type prefix -> the neuronx-cc --target it needs.
