@@ -36,7 +36,7 @@ class BuildResult:
 def compile_key(cfg: CompileConfig, source_sha256: str) -> str:
     import torch
     toolchain = {}
-    if cfg.target == "neuron":  # a new neuronx-cc / torch-neuronx means a recompile (NEURON.md §1.5)
+    if cfg.target == "neuron":  # a new neuronx-cc / torch-neuronx means a recompile (docs/neuron.md)
         from compile import neuron_target
         toolchain = {"neuron": neuron_target.toolchain_versions()}
     blob = json.dumps({"config": cfg.key_dict(), "source": source_sha256,

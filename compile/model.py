@@ -121,7 +121,7 @@ class Weights:
 
     variant = PORTABLE
     # NOTE: True for device graphs (neuron): every mask is an explicit finite additive bias, never
-    # SDPA's is_causal or a boolean mask, which lower to -inf and risk NaNs in bf16 on trn1 (NEURON.md §12).
+    # SDPA's is_causal or a boolean mask, which lower to -inf and risk NaNs in bf16 on trn1 (docs/neuron.md).
     finite_masks = False
 
     def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):

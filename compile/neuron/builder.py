@@ -1,6 +1,6 @@
 """Every tp degree, 1 included: NxD Core ModelBuilder, one NxDModel, one tag per bucket.
 
-This is what NxD Inference does (NEURON.md §1, §12). One module (compile/neuron/graphs.py) is built
+This is what NxD Inference does (docs/neuron.md). One module (compile/neuron/graphs.py) is built
 inside NxDParallelState and traced once per bucket, plus a `copy_slot` tag; ModelBuilder shares its
 weights and its state buffers (the KV cache) between every tag, so on the device there is one copy
 of the weights per rank and one KV cache, whatever the number of buckets. The bucket a trace records
@@ -47,7 +47,7 @@ def tags(cfg: CompileConfig) -> list[GraphSpec]:
 
 def parallel_state(cfg: CompileConfig):
     """NxDParallelState for this compile. lnc_size is passed explicitly: without it NxD asks the
-    platform for its LNC, which fails on a host without Neuron devices (NEURON.md §1.1)."""
+    platform for its LNC, which fails on a host without Neuron devices (docs/neuron.md)."""
     from neuronx_distributed import NxDParallelState
     return NxDParallelState(world_size=cfg.tp_degree, tensor_model_parallel_size=cfg.tp_degree,
                             lnc_size=flags.LNC[cfg.neuron_target])

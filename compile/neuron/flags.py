@@ -1,4 +1,4 @@
-"""Neuron facts Kiln relies on (sources: shared/reference/NEURON.md) and the compiler arguments.
+"""Neuron facts Kiln relies on (sources: docs/neuron.md) and the compiler arguments.
 
 Everything here is plain data so --dry-run, the compile path and the tests agree on one copy.
 """
@@ -9,15 +9,15 @@ import shlex
 from compile.config import CompileConfig, ConfigError
 from compile.model import ModelConfig
 
-# NEURON.md §1 "Traps": Inf2 {1,2,4,8,24}, Trn1 {1,2,8,16,32} (NxDI api-guide).
-# NOTE: NEURON.md lists no set for Trn2; Kiln accepts powers of two up to the 64 logical cores of a
+# docs/neuron.md: Inf2 {1,2,4,8,24}, Trn1 {1,2,8,16,32} (NxDI api-guide).
+# NOTE: docs/neuron.md lists no set for Trn2; Kiln accepts powers of two up to the 64 logical cores of a
 # trn2.48xlarge at LNC=2 (§2). Unconfirmed: widen or narrow it once a Trn2 compile says otherwise.
 SUPPORTED_TP = {"inf2": (1, 2, 4, 8, 24), "trn1": (1, 2, 8, 16, 32), "trn2": (1, 2, 4, 8, 16, 32, 64)}
-# NEURON.md §2: NxDI uses LNC=1 on Inf2/Trn1 and LNC=2 (the default) on Trn2.
+# docs/neuron.md: NxDI uses LNC=1 on Inf2/Trn1 and LNC=2 (the default) on Trn2.
 LNC = {"inf2": 1, "trn1": 1, "trn2": 2}
-# NEURON.md §2: HBM per NeuronCore (Trn2 at LNC=2).
+# docs/neuron.md: HBM per NeuronCore (Trn2 at LNC=2).
 HBM_PER_CORE_GIB = {"inf2": 16, "trn1": 16, "trn2": 24}
-# NxDI's decoder flags (NEURON.md §1.4, §12, NXDI model_wrapper.py): pipeline tiling factor 2 for
+# NxDI's decoder flags (docs/neuron.md; NxDI's model_wrapper.py): pipeline tiling factor 2 for
 # context encoding, 1 for token generation.
 def tensorizer_options(kind: str) -> str:
     tiling = 1 if kind == "decode" else 2
@@ -26,7 +26,7 @@ def tensorizer_options(kind: str) -> str:
 
 # NxD's default flag set has --enable-saturate-infinity, and passing explicit arguments drops it; it
 # matters on trn1 only, where compiler-introduced transposes can turn a large bf16 value into inf
-# and then NaN (NEURON.md §3.5, §12). Kiln's masks are finite too (compile/model.py additive_mask).
+# and then NaN (docs/neuron.md). Kiln's masks are finite too (compile/model.py additive_mask).
 SATURATE_INFINITY_TARGETS = ("trn1",)
 
 
@@ -37,7 +37,7 @@ def opt_level(kind: str) -> str:
 
 def compiler_args(kind: str, neuron_target: str) -> list[str]:
     """neuronx-cc arguments for one graph kind (one tag of ModelBuilder.compile). NxD adds neither
-    --target nor --lnc itself, and drops its defaults once arguments are given (NEURON.md §12)."""
+    --target nor --lnc itself, and drops its defaults once arguments are given (docs/neuron.md)."""
     args = ["--target", neuron_target, "--auto-cast=none", "--model-type=transformer",
             f"--tensorizer-options={tensorizer_options(kind)}", f"--lnc={LNC[neuron_target]}"]
     if neuron_target in SATURATE_INFINITY_TARGETS:

@@ -2,13 +2,13 @@
 
 On CPU the runner writes the new K/V into the cache outside the graph (compile/model.py). On Neuron
 the cache stays on the device as ModelBuilder *state*: two buffers (cache_k, cache_v) of ONE module
-that every tag is traced from, so all buckets read and write the same device memory (NEURON.md §1,
-§12). forward *reassigns* the buffers with out-of-place ops (torch.index_put, torch.index_copy:
-never scatter_/index_copy_ or another in-place op, NEURON.md §1.3); ModelBuilder detects the
+that every tag is traced from, so all buckets read and write the same device memory (docs/neuron.md).
+forward *reassigns* the buffers with out-of-place ops (torch.index_put, torch.index_copy:
+never scatter_/index_copy_ or another in-place op, docs/neuron.md); ModelBuilder detects the
 reassignment and aliases the state, so no cache ever goes back to the host. Each graph returns its
 logits only.
 
-K/V writes follow NxD Inference (NEURON.md §12): index_put with int32 index tensors of shape
+K/V writes follow NxD Inference (docs/neuron.md): index_put with int32 index tensors of shape
 [L, KV, S] (prefill) or [L, B, KV] (decode), one index per written head_dim row. Fully expanded
 scatter indices over L x KV x max_len x head_dim make slow DMA code and very long compiles.
 

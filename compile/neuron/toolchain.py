@@ -16,7 +16,7 @@ COMPILER = "neuronx-cc"
 TORCH_NEURONX = "torch-neuronx"
 NXD = "neuronx-distributed"
 
-# The Neuron SDK releases Kiln's neuron target is written for (NEURON.md §0, §12): torch-neuronx
+# The Neuron SDK releases Kiln's neuron target is written for (docs/neuron.md): torch-neuronx
 # for PyTorch 2.9 first ships in SDK 2.27, and 2.31 is the last release with NxD Inference fixes for
 # Inf2/Trn1. The DLC image, deploy/docker/Dockerfile.neuron and docs/neuron.md name the same SDK.
 SUPPORTED_SDK = "2.27-2.31"

@@ -1,7 +1,7 @@
 """How many neuronx-cc processes a compile runs at once: bounded by the host's memory.
 
 ModelBuilder.compile(max_workers=None) starts one neuronx-cc per tag at once (up to CPUs + 4): with
-30 buckets of a large model that is a host OOM (NEURON.md §9.6). Kiln passes a number instead:
+30 buckets of a large model that is a host OOM (docs/neuron.md). Kiln passes a number instead:
 --neuron-compile-workers, or this default.
 """
 from __future__ import annotations

@@ -54,7 +54,7 @@ class BucketedRunner:
         return outputs, BucketRun(kind, name, real, computed - real, time.perf_counter() - start)
 
     def warmup(self) -> None:
-        """Run every bucket graph once (first calls pay one-off costs; NEURON.md §1.9)."""
+        """Run every bucket graph once (first calls pay one-off costs; docs/neuron.md)."""
         for s in self.context_buckets:
             self.prefill(0, [0] * s, 0)
         if self.max_model_len > self.context_buckets[-1]:
