@@ -24,7 +24,6 @@ import os
 import sys
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
