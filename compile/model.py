@@ -12,7 +12,7 @@ exist in 2.9 (torch-neuronx is frozen there).
 Cache layout: k_cache and v_cache are both [L, slots, kv_heads, max_len, head_dim] (NxD
 Inference's). Graphs *return* the new K/V of the positions they computed and the caller writes
 them into the cache: on CPU a graph that mutates its cache input makes torch copy the whole cache
-per call (DESIGN.md).
+per call (docs/benchmarks.md, "Design measurements").
 
 Graph variants: PORTABLE graphs take the HF-named weights and use only plain aten ops (the neuron
 target, and any CPU). CPU_ONEDNN graphs, the cpu target's default where oneDNN is available, take

@@ -31,7 +31,6 @@ from compile.neuron import flags, workers
 from compile.neuron.graphs import COPY_SLOT, NeuronBucketGraph, example_inputs
 
 NXD_MODEL_FILE = "nxd_model.pt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # NxD Inference sets this while compiling off-device, so NxD never asks the platform what it is.
 PLATFORM_OVERRIDE = "NEURON_PLATFORM_TARGET_OVERRIDE"
 
@@ -69,12 +68,13 @@ def platform_target(cfg: CompileConfig) -> Iterator[None]:
 
 def build_module(cfg: CompileConfig, model: ModelConfig, spec: GraphSpec) -> NeuronBucketGraph:
     """Call inside parallel_state(cfg): the parallel layers size themselves from it."""
-    return NeuronBucketGraph(model, spec, cfg.max_num_seqs, cfg.max_model_len, DTYPES[cfg.dtype], cfg.tp_degree)
+    return NeuronBucketGraph(model, spec, cfg.max_num_seqs, cfg.max_model_len, getattr(torch, cfg.dtype),
+                             cfg.tp_degree)
 
 
 def full_checkpoint(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The module's state_dict keys are the HF names; a tied lm_head is the embedding under its own
-    name (the same tensor at tp = 1; tp > 1 shards it, so it is cloned there)."""
+    name (the same host tensor; at tp > 1 shard_checkpoint splits it like any ColumnParallelLinear)."""
     checkpoint = dict(weights)
     if model.tie_word_embeddings:
         checkpoint["lm_head.weight"] = weights["model.embed_tokens.weight"]
@@ -106,12 +106,18 @@ def bucket_record(spec: GraphSpec, cfg: CompileConfig) -> dict:
             "compiler_args": flags.compiler_args_str(spec.kind, cfg.neuron_target)}
 
 
-def compile_graph(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig, out_dir: Path) -> str:
-    """Write this bucket's record; the last bucket traces every tag and compiles the NxDModel."""
+def write_record(spec: GraphSpec, cfg: CompileConfig, out_dir: Path) -> str:
     name = spec.name + ".json"
     (out_dir / name).write_text(json.dumps(bucket_record(spec, cfg), indent=2) + "\n")
+    return name
+
+
+def compile_graph(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig, out_dir: Path) -> str:
+    """Write this bucket's record; the last bucket also writes the copy tag's record, traces every
+    tag and compiles the NxDModel."""
+    name = write_record(spec, cfg, out_dir)
     if spec == plan_graphs(cfg)[-1]:
-        (out_dir / (COPY_SLOT.name + ".json")).write_text(json.dumps(bucket_record(COPY_SLOT, cfg), indent=2) + "\n")
+        write_record(COPY_SLOT, cfg, out_dir)
         build_nxd_model(tags(cfg), cfg, model, out_dir / NXD_MODEL_FILE)
     return name
 

@@ -35,7 +35,6 @@ from compile.model import ModelConfig, Weights, decode, prefill, weight_names
 MODEL_BUILDER = "ModelBuilder"
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
-STATE_BUFFERS = ("cache_k", "cache_v")
 # The device-side slot copy (compaction, n > 1 forks): one more tag of the same NxDModel.
 COPY_SLOT = GraphSpec("copy_slot")
 INDEX_DTYPE = torch.int32  # NxD Inference's index dtype for K/V writes

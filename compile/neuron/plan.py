@@ -34,8 +34,8 @@ def read_model_config(checkpoint: str) -> ModelConfig:
 
 # NOTE: an allowance, not a measurement (nothing here has run on a device): the NEFF's code and
 # constants of one bucket graph on one core. NxD Inference publishes no figure, and users have seen
-# the per-core total reach 16 GB with DMA rings and scratchpad (aws-neuron/transformers-neuronx#49). Replace it with
-# neuron-monitor's neuroncore_memory_usage_model_code once a real artifact has been loaded.
+# the per-core total reach 16 GB with DMA rings and scratchpad (aws-neuron/transformers-neuronx#49).
+# Replace it with neuron-monitor's neuroncore_memory_usage_model_code once a real artifact is loaded.
 NEFF_ALLOWANCE_BYTES = 64 * 2 ** 20
 ACTIVATION_BYTES = 4  # scratch is counted as float32, whatever the dtype: an upper bound
 

@@ -9,7 +9,7 @@ Layout invariant (kept after every call):
 
 NOTE: a hole left by a finished sequence is filled by moving another one into it with
 `copy_slot` (copying only its cached positions), never by gathering slots per step: a
-gather copies the whole cache every step (DESIGN.md, "Measured on this kind of machine").
+gather copies the whole cache every step (docs/benchmarks.md, "Design measurements").
 A sequence mid chunked-prefill is moved down too, so it always sits right after the decoders.
 The runner's decode must therefore not write K/V into slots >= n (the decode batch) at
 positions a prefilling sequence uses; padding rows may use position max_model_len - 1,

@@ -52,7 +52,7 @@ class CpuRunner(BucketedRunner):
         n = len(token_ids)
         name, batch, span = self.decode_graph(n, positions)
         pos = self.padded(positions, batch)
-        # NOTE: slots 0..batch-1 as a view: no gather copy of the cache (DESIGN.md).
+        # NOTE: slots 0..batch-1 as a view: no gather copy of the cache (docs/benchmarks.md).
         k_span = self.k_cache[:, :batch, :, :span]
         v_span = self.v_cache[:, :batch, :, :span]
         (logits, new_k, new_v), run = self._run("decode", name, n, batch, self.padded(token_ids, batch), pos,

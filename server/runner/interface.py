@@ -3,7 +3,7 @@
 The engine never touches the KV cache or graphs; it asks the runner for these four things.
 Slot discipline (why decode takes no slot list): the cache is `num_slots` rows; a decode
 batch of n sequences is always slots 0..n-1, so the graph reads a *view* of the cache with
-no gather copy (see DESIGN.md, "Measured on this kind of machine"). When a sequence in the
+no gather copy (see docs/benchmarks.md, "Design measurements"). When a sequence in the
 middle finishes, the scheduler moves the last one into its slot with `copy_slot`.
 """
 from __future__ import annotations
