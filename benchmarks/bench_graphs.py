@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from compile.dtypes import torch_dtype
+
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -66,7 +68,7 @@ def main() -> None:
     from server.runner.artifact import load_artifact
     loaded = load_artifact(args.artifact)
     runner, manifest = loaded.runner, loaded.manifest
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[manifest.dtype]
+    dtype = torch_dtype(manifest.dtype)
     model = hf_model(args.checkpoint, dtype)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {manifest.dtype}")
     print(f"{'graph':<20} {'kiln ms':>9} {'eager HF ms':>12} {'ratio':>7}")

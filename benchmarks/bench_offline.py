@@ -16,6 +16,8 @@ from collections import defaultdict
 
 import torch
 
+from compile.dtypes import torch_dtype
+
 from benchmarks.bench_graphs import hf_model
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -57,7 +59,7 @@ def main() -> None:
 
     loaded = load_artifact(args.artifact)
     runner, tokenizer = loaded.runner, loaded.tokenizer
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[loaded.manifest.dtype]
+    dtype = torch_dtype(loaded.manifest.dtype)
     model = None if args.skip_hf else hf_model(args.checkpoint, dtype)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)

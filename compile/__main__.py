@@ -103,10 +103,9 @@ def run_suggest(path: Path, num_buckets: int, max_len: int) -> int:
 
 
 def run_verify(path: Path) -> int:
-    from compile.manifest import ArtifactError
-    from server.runner.artifact import verify_artifact
+    from compile.manifest import ArtifactError, verify_contract
     try:
-        manifest = verify_artifact(path)
+        manifest = verify_contract(path)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,9 +10,11 @@ from compile.config import CompileConfig
 class GraphSpec:
     """One bucket graph. `name` is also its file stem in graphs/."""
 
-    kind: str          # "prefill" | "prefill_chunk" | "decode" | "copy_slot" (neuron's device-side slot copy)
+    # "prefill" (one prompt) | "prefill_packed" (cpu: several prompts end to end) | "prefill_chunk" (a later
+    # chunk of a long prompt) | "decode" | "copy_slot" (neuron's device-side slot copy)
+    kind: str
     seq_len: int = 0   # prefill: tokens per call
-    batch: int = 0     # decode: rows per call
+    batch: int = 0     # decode: rows per call; prefill_packed: prompts per call
     kv_len: int = 0    # decode: cached span; prefill_chunk: past span
 
     @property
@@ -21,6 +23,8 @@ class GraphSpec:
             return f"prefill_s{self.seq_len}"
         if self.kind == "prefill_chunk":
             return f"prefill_chunk_s{self.seq_len}_p{self.kv_len}"
+        if self.kind == "prefill_packed":
+            return f"prefill_packed_s{self.seq_len}_r{self.batch}"
         if self.kind == "copy_slot":
             return "copy_slot"
         return f"decode_b{self.batch}_k{self.kv_len}"
@@ -29,11 +33,22 @@ class GraphSpec:
         return {"name": self.name, "kind": self.kind, "seq_len": self.seq_len,
                 "batch": self.batch, "kv_len": self.kv_len}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphSpec":
+        """The spec of a manifest's graph entry (its name must be the one the spec gives)."""
+        spec = cls(d["kind"], d.get("seq_len", 0), d.get("batch", 0), d.get("kv_len", 0))
+        if d.get("name", spec.name) != spec.name:
+            raise ValueError(f"graph {d.get('name')!r} does not match its shape ({spec.name})")
+        return spec
+
 
 def plan_graphs(cfg: CompileConfig) -> list[GraphSpec]:
-    specs = [GraphSpec("prefill", seq_len=s) for s in cfg.context_buckets]
+    if cfg.target == "cpu":
+        specs = [GraphSpec("prefill_packed", seq_len=s, batch=cfg.packed_rows(s)) for s in cfg.context_buckets]
+    else:
+        specs = [GraphSpec("prefill", seq_len=s) for s in cfg.context_buckets]
     if cfg.needs_chunk_graph:
-        specs.append(GraphSpec("prefill_chunk", seq_len=cfg.context_buckets[-1], kv_len=cfg.max_model_len))
+        specs.append(GraphSpec("prefill_chunk", seq_len=cfg.chunk_len, kv_len=cfg.max_model_len))
     specs += [GraphSpec("decode", batch=b, kv_len=k) for b in cfg.batch_buckets for k in cfg.kv_buckets]
     return specs
 
@@ -44,12 +59,6 @@ def smallest_fitting(buckets: tuple[int, ...] | list[int], n: int) -> int:
         if b >= n:
             return b
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-def prefill_length(context_buckets: tuple[int, ...] | list[int], n: int, start_pos: int) -> int:
-    """Positions a prefill of n prompt tokens starting at start_pos computes: a first chunk runs at
-    the smallest context bucket that holds it, a later chunk on the chunk graph of the largest."""
-    return smallest_fitting(context_buckets, n) if start_pos == 0 else context_buckets[-1]
 
 
 def padding_waste(lengths: list[int], buckets: list[int]) -> float:

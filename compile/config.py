@@ -12,6 +12,12 @@ CPU_KERNELS = ("auto", "cpu-onednn", "portable")  # compile/cpu_kernels.py
 DEFAULT_CONTEXT_BUCKETS = (128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16)
 DEFAULT_KV_BUCKETS = (128, 256, 512, 1024, 2048)
+# cpu: a later chunk of a long prompt has at most this many tokens (the largest context bucket up to
+# it), so a decode step waits behind at most one such chunk (about 0.25 s for SmolLM2 on 2 cores).
+CPU_CHUNK_TOKENS = 512
+# cpu: a packed prefill of T tokens returns logits for up to T // this many prompts (16-token prompts
+# fill it; shorter ones just take more calls).
+MIN_PACKED_PROMPT_TOKENS = 16
 
 
 class ConfigError(ValueError):
@@ -66,9 +72,20 @@ class CompileConfig:
             raise fail(f"--cpu-kernels must be one of {', '.join(CPU_KERNELS)}, got {self.cpu_kernels!r}")
 
     @property
+    def chunk_len(self) -> int:
+        """Tokens of a later chunk of a long prompt (it attends to the slot's past)."""
+        if self.target == "cpu":
+            return max([b for b in self.context_buckets if b <= CPU_CHUNK_TOKENS] or [self.context_buckets[0]])
+        return self.context_buckets[-1]
+
+    @property
     def needs_chunk_graph(self) -> bool:
-        """Prompts longer than the largest context bucket are prefilled in chunks."""
-        return self.max_model_len > self.context_buckets[-1]
+        """Prompts longer than chunk_len are prefilled in chunks."""
+        return self.max_model_len > self.chunk_len
+
+    def packed_rows(self, seq_len: int) -> int:
+        """cpu: prompts one packed prefill of seq_len tokens can take."""
+        return max(1, min(self.max_num_seqs, seq_len // MIN_PACKED_PROMPT_TOKENS))
 
     def key_dict(self) -> dict:
         """What decides the artifact's contents (the compile key): everything but the checkpoint's

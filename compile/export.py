@@ -74,6 +74,8 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from compile.dtypes import torch_dtype
+
     out = Path(out).resolve()
     source = source_sha256(cfg.checkpoint)  # hashed once: the compile key and the manifest
     key = compile_key(cfg, source)
@@ -84,7 +86,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         what = "an artifact built from other inputs" if (out / MANIFEST_NAME).exists() else "not a valid artifact"
         raise ArtifactError(f"{out}: already exists and is {what}; pass --force to replace it")
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     ckpt = load_checkpoint(cfg.checkpoint, dtype)
     if cfg.target == "neuron":
         from compile import neuron_target

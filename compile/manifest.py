@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 # The graphs' calling convention (inputs, outputs, KV cache layout). Bump it whenever
 # compile/model.py changes what a bucket graph takes or returns: an artifact built for another
 # ABI would pass its checksums and then fail (or compute garbage) at warm-up.
-GRAPH_ABI = 4
+GRAPH_ABI = 5
 MANIFEST_NAME = "manifest.json"
 
 
@@ -101,3 +101,31 @@ def list_files(artifact_dir: Path) -> dict[str, dict[str, Any]]:
     root = Path(artifact_dir)
     return {str(p.relative_to(root)): {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def verify_contract(path: Path | str, checksums: bool = True) -> Manifest:
+    """What the artifact contract promises, whatever the host: format and graph ABI, a known target and
+    graph variant, graph entries that name their shapes, every file with its size (and sha256).
+    Whether this host can run it is each target runner's own check (server/runner/artifact.py)."""
+    from compile.buckets import GraphSpec
+    from compile.config import TARGETS
+    from compile.model import GRAPH_VARIANTS, PORTABLE
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact folder")
+    manifest = Manifest.read(path)
+    manifest.check_graph_abi(path)
+    where = path / MANIFEST_NAME
+    if manifest.target not in TARGETS:
+        raise ArtifactError(f"{where}: target expected one of {', '.join(TARGETS)}, found {manifest.target!r}")
+    variant = manifest.graph_variant
+    if variant not in GRAPH_VARIANTS or (manifest.target != "cpu" and variant != PORTABLE):
+        raise ArtifactError(f"{where}: graph_variant {variant!r} is not one this Kiln runs "
+                            f"for target {manifest.target!r}; recompile the artifact")
+    for graph in manifest.graphs:
+        try:
+            GraphSpec.from_dict(graph)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: malformed graph entry {graph!r} ({e})") from None
+    manifest.verify_files(path, checksums=checksums)
+    return manifest

@@ -62,6 +62,7 @@ class ServerConfig:
     served_model_name: Optional[str] = None
     max_num_seqs: Optional[int] = None          # None: every compiled KV slot
     max_num_queued_reqs: int = EngineConfig.max_num_queued_reqs
+    max_num_batched_tokens: Optional[int] = None  # None: EngineConfig's default
     allowed_origins: tuple[str, ...] = ("*",)
     drain_timeout: float = 30.0
     log_format: str = "text"
@@ -72,6 +73,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_num_queued_reqs < 1:
             raise ConfigError(f"--max-num-queued-reqs must be at least 1, got {self.max_num_queued_reqs}")
         if self.drain_timeout < 0:
@@ -96,6 +99,8 @@ _FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
      "(default: all of them)"),
     ("--max-num-queued-reqs", int, "N", "requests allowed to wait for a slot; beyond it the server answers "
      "429 with Retry-After"),
+    ("--max-num-batched-tokens", int, "N", "prompt tokens prefilled per step: a running stream waits behind at "
+     "most this many between two tokens (default: the largest context bucket up to 512)"),
     ("--allowed-origins", _origins, "ORIGINS", "CORS origins: '*', a comma-separated list or a JSON list"),
     ("--drain-timeout", float, "SECONDS", "on SIGTERM, how long requests in flight may run before they "
      "are aborted"),

@@ -58,11 +58,12 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
 
 
 def greedy_through_runner(runner, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Prefill (in chunks past the largest bucket) into slot 1, then decode in slot 0."""
-    big, pos = runner.context_buckets[-1], 0
-    for start in range(0, len(prompt), big):
-        out = runner.prefill(1, prompt[start:start + big], pos)
-        pos += len(prompt[start:start + big])
+    """Prefill (the largest bucket first, then chunks of runner.chunk_len) into slot 1, then decode in slot 0."""
+    pos = 0
+    while pos < len(prompt):
+        piece = prompt[pos:pos + (runner.context_buckets[-1] if pos == 0 else runner.chunk_len)]
+        out = runner.prefill(1, piece, pos)
+        pos += len(piece)
     first_logits = out.logits[0]
     runner.copy_slot(1, 0, pos)
     tokens = [int(first_logits.argmax())]

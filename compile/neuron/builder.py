@@ -26,6 +26,7 @@ import torch
 
 from compile.buckets import GraphSpec, plan_graphs
 from compile.config import CompileConfig
+from compile.dtypes import torch_dtype
 from compile.model import ModelConfig
 from compile.neuron import flags, workers
 from compile.neuron.graphs import COPY_SLOT, NeuronBucketGraph, example_inputs
@@ -68,7 +69,7 @@ def platform_target(cfg: CompileConfig) -> Iterator[None]:
 
 def build_module(cfg: CompileConfig, model: ModelConfig, spec: GraphSpec) -> NeuronBucketGraph:
     """Call inside parallel_state(cfg): the parallel layers size themselves from it."""
-    return NeuronBucketGraph(model, spec, cfg.max_num_seqs, cfg.max_model_len, getattr(torch, cfg.dtype),
+    return NeuronBucketGraph(model, spec, cfg.max_num_seqs, cfg.max_model_len, torch_dtype(cfg.dtype),
                              cfg.tp_degree)
 
 

@@ -1,10 +1,10 @@
-"""The FastAPI app factory. The lifespan warms the runner, starts the engine loop, stops it."""
+"""The FastAPI app factory. The lifespan starts the engine (and waits for its loop to run), then stops it."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,15 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(engine: EngineClient, tokenizer: Any, model: ModelInfo, metrics: Metrics, *,
-               api_key: Optional[str] = None, allowed_origins: Sequence[str] = ("*",),
-               warmup: Optional[Callable[[], None]] = None) -> FastAPI:
-    """`warmup` (e.g. runner.warmup) runs in a thread before the engine loop starts; /ready
-    answers 200 once both are done."""
+               api_key: Optional[str] = None, allowed_origins: Sequence[str] = ("*",)) -> FastAPI:
+    """/ready answers 200 once the engine loop runs (after the runner's warm-up, which whoever
+    runs the loop does first: server/__main__.py)."""
     state = ServerState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        starting = asyncio.create_task(_start(engine, state, warmup))
+        starting = asyncio.create_task(_start(engine, state))
         try:
             yield
         finally:
@@ -68,13 +67,8 @@ def create_app(engine: EngineClient, tokenizer: Any, model: ModelInfo, metrics: 
     return app
 
 
-async def _start(engine: EngineClient, state: ServerState, warmup: Optional[Callable[[], None]]) -> None:
+async def _start(engine: EngineClient, state: ServerState) -> None:
     try:
-        if warmup is not None:
-            logger.info("warming up every bucket graph")
-            # on the thread that will run the graphs, if the engine says which (loop_host.py)
-            run_warmup = getattr(engine, "run_on_loop_thread", None)
-            await (run_warmup(warmup) if run_warmup is not None else asyncio.to_thread(warmup))
         await engine.start()
     except Exception as e:  # noqa: BLE001 - reported by /health and /ready
         logger.exception("start-up failed")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from server.api import errors
 from server.api.lifecycle import ServerState
 from server.api.protocol import UsageInfo
 from server.engine.types import (CompletionOutput, QueueFullError, RequestOutput, RequestTooLongError,
-                                 SamplingParams, TokenLogprob)
+                                 SamplingParams, SamplingParamsError, TokenLogprob)
 from server.metrics import Metrics
 
 LOG_SCOPE_KEY = "kiln.log"        # per-request dict of fields for the request's log line
@@ -246,12 +245,10 @@ class OpenAIServing:
 
     @staticmethod
     def sampling_params(request: Any) -> SamplingParams:
-        params = request.to_sampling_params()
         try:
-            params.validate()
+            return request.to_sampling_params()   # SamplingParams check themselves when made
         except ValueError as e:
             raise _params_error(e) from None
-        return params
 
     # ---- tokenizer ----
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -313,9 +310,8 @@ class OpenAIServing:
 
 
 def _params_error(e: ValueError) -> errors.OpenAIError:
-    """A SamplingParams/engine ValueError as a 400; its messages start with the field's name."""
-    name = re.match(r"\w*", str(e)).group()
-    return errors.bad_request(str(e), param=name if name in SamplingParams.__dataclass_fields__ else None)
+    """A SamplingParams/engine ValueError as a 400, naming the field when the error does."""
+    return errors.bad_request(str(e), param=e.field if isinstance(e, SamplingParamsError) else None)
 
 
 def new_id(prefix: str) -> str:

@@ -1,7 +1,9 @@
-"""AsyncEngine: the engine loop on its own thread, talking to asyncio through queues.
+"""AsyncEngine: the engine loop on a thread of its own, talking to asyncio through queues.
 
 One thread owns the LLMEngine (and so the runner and KV cache) and steps while there is work;
-when idle it sleeps on a condition variable. The HTTP side only touches thread-safe parts:
+when idle it sleeps on a condition variable. `python -m server` runs that loop on the main thread
+(run(), after the runner's warm-up there: see server/__main__.py); tests and embedders let start()
+spawn a thread for it. The HTTP side only touches thread-safe parts:
 add_request validates at once (so bad input is a 4xx before anything is queued), then hands
 the request to the loop through a locked list; outputs come back through
 loop.call_soon_threadsafe into each request's asyncio.Queue, so a slow client never stalls
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Optional, Sequence as Seq
+from typing import Callable, Optional, Sequence as Seq
 
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineObserver, LLMEngine
@@ -20,6 +22,7 @@ from server.engine.types import (EngineDeadError, QueueFullError, RequestOutput,
                                  SamplingParams)
 
 logger = logging.getLogger(__name__)
+IDLE_POLL_SECONDS = 0.5   # an idle loop rechecks keep_going() this often
 
 
 class RequestStream:
@@ -55,12 +58,12 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, runner, tokenizer, config: Optional[EngineConfig] = None,
-                 observer: Optional[EngineObserver] = None, loop_host=None):
-        """loop_host: where the engine loop runs (server.engine.loop_host.MainThreadHost);
-        None: a thread of its own."""
+                 observer: Optional[EngineObserver] = None, own_thread: bool = True):
+        """own_thread: start() spawns the loop's thread; False: the owner calls run() itself
+        (on the main thread, where the graphs run fastest: server/__main__.py)."""
         self.engine = LLMEngine(runner, tokenizer, config, observer)
-        self._loop_host = loop_host
         self.config = self.engine.config
+        self._own_thread = own_thread
         self._cond = threading.Condition()
         self._new: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
@@ -69,43 +72,42 @@ class AsyncEngine:
         self._num_running = 0
         self._stopping = False
         self._error: Optional[BaseException] = None
+        self._looping = threading.Event()   # run() has begun (or start-up failed: fail())
+        self._active = False                # run() is executing
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._thread is not None:
+        """Bind the event loop outputs go to, then wait until the engine loop runs (raises
+        EngineDeadError if start-up failed first)."""
+        if self._loop is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
-        if self._loop_host is not None:
-            self._thread = self._loop_host.start(self._run)
-        else:
-            self._thread = threading.Thread(target=self._run, name="kiln-engine-loop", daemon=True)
+        if self._own_thread:
+            self._thread = threading.Thread(target=self.run, name="kiln-engine-loop", daemon=True)
             self._thread.start()
+        while not self._looping.is_set():
+            await asyncio.sleep(0.02)
+        if self._error is not None:
+            raise EngineDeadError(self._dead_message())
 
-    async def run_on_loop_thread(self, fn) -> None:
-        """Run fn (e.g. the runner's warm-up) on the thread the engine loop will use, before start().
-
-        NOTE: torch work done on a helper thread that stays alive slowed the loop's graphs by 1.5x
-        afterwards (measured: SmolLM2 decode 27 -> 47 ms), so warm-up must not use a thread pool."""
-        if self._loop_host is None:
-            await asyncio.to_thread(fn)
-            return
-        job = self._loop_host.start(fn)
-        await asyncio.to_thread(job.join)
-        job.raise_error()
+    def fail(self, error: BaseException) -> None:
+        """Start-up failed before run() (e.g. the warm-up): start() and new requests see it."""
+        with self._cond:
+            self._error = error
+        self._looping.set()
 
     async def shutdown(self) -> None:
         """Abort what is in flight (streams end with finish_reason "abort") and stop the loop."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        while self._active:
+            await asyncio.sleep(0.02)
 
     def is_alive(self) -> bool:
-        return (self._thread is not None and self._thread.is_alive() and self._error is None
-                and not self._stopping)
+        return self._active and self._error is None and not self._stopping
 
     @property
     def num_running(self) -> int:
@@ -119,7 +121,8 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: SamplingParams) -> RequestStream:
         """Queue a request and return its stream. Raises at once: ValueError (bad params or
-        duplicate id), RequestTooLongError, QueueFullError, EngineDeadError (not running)."""
+        duplicate id), RequestTooLongError, QueueFullError, EngineDeadError (not running).
+        This is the one admission check; the engine loop trusts what it is handed."""
         self.engine.check_request(prompt_token_ids, params)
         with self._cond:
             if not self.is_alive():
@@ -141,15 +144,24 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._cond.notify()
 
-    # ---- the loop thread ------------------------------------------------------------------------
-    def _run(self) -> None:
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """The engine loop, on the calling thread, until shutdown() (or keep_going() turns false
+        while idle). Failures end every live stream with EngineDeadError."""
         engine = self.engine
+        with self._cond:
+            if self._error is not None or self._active:
+                return
+            self._active = True
+        self._looping.set()
         try:
             while True:
                 with self._cond:
                     while not (self._new or self._aborts or self._stopping
                                or engine.has_unfinished()):
-                        self._cond.wait()
+                        if not keep_going():
+                            return
+                        self._cond.wait(timeout=IDLE_POLL_SECONDS)
                     new, self._new = self._new, []
                     aborts, self._aborts = self._aborts, []
                     stopping = self._stopping
@@ -177,6 +189,8 @@ class AsyncEngine:
             error = EngineDeadError(f"engine loop failed: {e!r}")
             error.__cause__ = e
             self._publish([], {request_id: error for request_id in list(self._streams)})
+        finally:
+            self._active = False
 
     def _publish(self, outputs: list[RequestOutput], errors: dict[str, BaseException]) -> None:
         if (outputs or errors) and self._loop is not None:

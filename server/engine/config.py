@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 LOGPROBS_MODES = ("raw", "processed")
+# NOTE: on the 2-core dev machine a 512-token prefill of SmolLM2 takes about 0.25 s: the longest a
+# decode step can be held up. More tokens per step would not prefill faster (it is compute-bound).
+DEFAULT_BATCHED_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -16,12 +19,12 @@ class EngineConfig:
       default min(runner.num_slots, largest batch bucket).
     - max_num_queued_reqs: bound on the waiting queue; add_request beyond it raises QueueFullError.
     - max_model_len: positions per sequence (prompt + output); default runner.max_model_len.
-    - max_prefill_tokens_per_step: prefill budget of one step, counted in *padded* positions
-      (the context bucket each chunk runs at); default the largest context bucket. Prompts
-      longer than the largest bucket that fits in it are prefilled in chunks of that bucket.
-    - max_prefills_while_decoding: prefill chunks allowed in a step that also decodes. With
-      the default 1 a decode waits behind at most one chunk (bounded inter-token latency) and
-      a waiting prompt gets a chunk every step (bounded time to first token).
+    - max_num_batched_tokens: prompt tokens prefilled in one step (vLLM's flag; decode rows are
+      not counted, they run in a graph of their own). Waiting prompts are packed into it in
+      arrival order and the last may be cut into chunks, so a running stream waits behind at
+      most this many prefill tokens between two tokens (inter-token latency) and the oldest
+      waiting prompt advances every step (time to first token). Default: the largest context
+      bucket up to DEFAULT_BATCHED_TOKENS; at most the largest context bucket (one call's worth).
     - logprobs_mode: "raw" (log-softmax of the model's logits before penalties, temperature,
       top-k/top-p/min-p: vLLM v1's default `raw_logprobs`, what OpenAI reports) or "processed"
       (log-softmax of the distribution actually sampled from).
@@ -30,8 +33,7 @@ class EngineConfig:
     max_num_seqs: Optional[int] = None
     max_num_queued_reqs: int = 256
     max_model_len: Optional[int] = None
-    max_prefill_tokens_per_step: Optional[int] = None
-    max_prefills_while_decoding: int = 1
+    max_num_batched_tokens: Optional[int] = None
     logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
@@ -39,8 +41,7 @@ class EngineConfig:
             "max_num_seqs": self.max_num_seqs,
             "max_num_queued_reqs": self.max_num_queued_reqs,
             "max_model_len": self.max_model_len,
-            "max_prefill_tokens_per_step": self.max_prefill_tokens_per_step,
-            "max_prefills_while_decoding": self.max_prefills_while_decoding,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
         }
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -56,7 +57,9 @@ class EngineConfig:
         max_batch = max(runner.batch_buckets)
         max_num_seqs = self.max_num_seqs or min(runner.num_slots, max_batch)
         max_model_len = self.max_model_len or runner.max_model_len
-        max_prefill = self.max_prefill_tokens_per_step or max(runner.context_buckets)
+        largest = max(runner.context_buckets)
+        budget = self.max_num_batched_tokens or max(
+            [b for b in runner.context_buckets if b <= DEFAULT_BATCHED_TOKENS] or [min(runner.context_buckets)])
         if max_num_seqs > runner.num_slots:
             raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the runner's "
                              f"{runner.num_slots} KV slots")
@@ -68,12 +71,12 @@ class EngineConfig:
                              f"{runner.max_model_len}")
         if max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
-        if max_prefill < min(runner.context_buckets):
-            raise ValueError(f"max_prefill_tokens_per_step={max_prefill} is below the smallest "
-                             f"context bucket {min(runner.context_buckets)}")
+        if budget > largest:
+            raise ValueError(f"max_num_batched_tokens={budget} exceeds the largest context bucket "
+                             f"{largest} (the most one prefill call holds)")
         return dataclasses.replace(self, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                   max_prefill_tokens_per_step=max_prefill)
+                                   max_num_batched_tokens=budget)
 
     @property
     def is_resolved(self) -> bool:
-        return None not in (self.max_num_seqs, self.max_model_len, self.max_prefill_tokens_per_step)
+        return None not in (self.max_num_seqs, self.max_model_len, self.max_num_batched_tokens)

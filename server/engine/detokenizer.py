@@ -38,25 +38,34 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._stop = tuple(s for s in params.stop if s)
         self._include_stop = params.include_stop_str_in_output
-        self._min_tokens = params.min_tokens
-        self._num_tokens = 0
         self._num_sent_chars = 0
         self.output_text = ""
 
-    def update(self, token_id: int, skip_text: bool = False) -> Optional[str]:
-        """Add one generated token. `skip_text`: a stop token whose text stays out of the
-        output. Returns the stop string this token completed (output_text is then cut)."""
-        self._num_tokens += 1
+    def update(self, token_id: int, skip_text: bool = False) -> int:
+        """Add one generated token; returns how many characters of text it added. `skip_text`:
+        a stop token whose text stays out of the output (server/engine/stop.py decides)."""
         if skip_text:
-            return None
+            return 0
         new_text = self._decode_next(token_id)
-        if not new_text:
-            return None
         self.output_text += new_text
-        # Like vLLM: stop strings count only once min_tokens tokens precede this one.
-        if not self._stop or self._num_tokens <= self._min_tokens:
+        return len(new_text)
+
+    def find_stop(self, num_new_chars: int) -> Optional[str]:
+        """The stop string the last `num_new_chars` characters completed, if any (the earliest
+        match); output_text is then cut before it (or after it with include_stop_str_in_output)."""
+        if not self._stop:
             return None
-        return self._check_stop(len(new_text))
+        text = self.output_text
+        best: Optional[tuple[int, str]] = None
+        for stop in self._stop:
+            index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        index, stop = best
+        self.output_text = text[:index + len(stop)] if self._include_stop else text[:index]
+        return stop
 
     def get_delta(self, finished: bool) -> str:
         """Text not handed out yet, less the tail that may still turn into a stop string."""
@@ -78,19 +87,6 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
-
-    def _check_stop(self, num_new_chars: int) -> Optional[str]:
-        text = self.output_text
-        best: Optional[tuple[int, str]] = None
-        for stop in self._stop:
-            index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
-            if index != -1 and (best is None or index < best[0]):
-                best = (index, stop)
-        if best is None:
-            return None
-        index, stop = best
-        self.output_text = text[:index + len(stop)] if self._include_stop else text[:index]
-        return stop
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""

@@ -7,9 +7,11 @@ Layout invariant (kept after every call):
     slots m ..       free; `num_reserved` of them are promised to choices 1..n-1 of a request
                      whose prompt is still prefilling (they get the prompt by copy_slot)
 
-NOTE: a hole left by a finished sequence is filled by moving another one into it with
-`copy_slot` (copying only its cached positions), never by gathering slots per step: a
-gather copies the whole cache every step (docs/benchmarks.md, "Design measurements").
+NOTE: a hole left by a finished sequence is filled by moving another one into it with a slot
+copy (only its cached positions), never by gathering slots per step: a gather copies the whole
+cache every step (docs/benchmarks.md, "Design measurements"). The manager only records the
+copies (`take_copies`); the scheduler puts them at the head of the next step's plan and the
+runner runs them, in order, before any graph of that step.
 A sequence mid chunked-prefill is moved down too, so it always sits right after the decoders.
 The runner's decode must therefore not write K/V into slots >= n (the decode batch) at
 positions a prefilling sequence uses; padding rows may use position max_model_len - 1,
@@ -17,22 +19,21 @@ which no sequence ever reads.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from server.engine.request import Sequence
-
-CopySlot = Callable[[int, int, int], None]   # runner.copy_slot(src, dst, length)
+from server.engine.types import SlotCopy
 
 
 class KVCacheManager:
-    def __init__(self, num_slots: int, copy_slot: CopySlot):
+    def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self._copy_slot = copy_slot
+        self._pending_copies: list[SlotCopy] = []
         self._owners: list[Optional[Sequence]] = [None] * num_slots
         self.num_decoding = 0
         self.num_used = 0
         self.num_reserved = 0
-        self.num_copies = 0          # copy_slot calls made (compaction and n>1 forks)
+        self.num_copies = 0          # compaction copies recorded
 
     @property
     def num_free(self) -> int:
@@ -66,8 +67,8 @@ class KVCacheManager:
 
     def promote(self, seq: Sequence, children: Iterable[Sequence] = ()) -> None:
         """`seq` finished prefilling and starts decoding; `children` (its request's other
-        choices, reserved at allocation) take the next slots. The caller copies the prompt's
-        cache into them once the prefill has run."""
+        choices, reserved at allocation) take the next slots. The prompt's cache reaches them
+        by the copies of the prefill chunk that completes it (PrefillChunk.fork_slots)."""
         if seq.slot != self.num_decoding:
             raise RuntimeError(f"{seq} finished prefill but is not next to the decoders "
                                f"(slot {seq.slot}, {self.num_decoding} decoding)")
@@ -109,11 +110,16 @@ class KVCacheManager:
     def _move(self, seq: Sequence, dst: int) -> None:
         src = seq.slot
         if seq.num_computed_tokens > 0:
-            self._copy_slot(src, dst, seq.num_computed_tokens)
+            self._pending_copies.append(SlotCopy(src, dst, seq.num_computed_tokens))
             self.num_copies += 1
         self._owners[dst] = seq
         self._owners[src] = None
         seq.slot = dst
+
+    def take_copies(self) -> list[SlotCopy]:
+        """The compaction copies recorded since the last call, in the order they must run."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
 
     def check(self) -> None:
         """Assert the layout invariant (tests and debugging)."""

@@ -1,7 +1,10 @@
-"""LLMEngine: the continuous-batching step, single-threaded (AsyncEngine runs it on a thread).
+"""LLMEngine: the continuous-batching step, single-threaded (AsyncEngine runs its loop).
 
-step() = apply aborts -> schedule -> run the bucket graphs -> sample -> update (stop checks,
-detokenize, free slots) -> delta outputs, with StepStats/RequestStats for the observer.
+step() = apply aborts -> schedule -> runner.execute(plan) -> update, as in nano-vllm and vLLM v1:
+the runner runs the plan's slot copies and graphs and samples behind its own interface (so a
+device can sample where the logits are), and returns token ids, logprobs and the bucket runs.
+The update appends each token, applies the stop rules (stop.py), frees finished slots and
+emits delta outputs, with StepStats/RequestStats for the observer. No torch here.
 """
 from __future__ import annotations
 
@@ -9,16 +12,15 @@ import itertools
 import time
 from typing import Optional, Protocol, Sequence as Seq
 
-import torch
-
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, Sequence
 from server.engine.scheduler import Scheduler, SchedulerOutput
-from server.engine.types import (BucketRun, FinishReason, RequestOutput,
-                                 RequestStats, RequestTooLongError, SamplingParams, StepStats)
-from server.runner.sampler import Sampler, SamplerOutput, SamplingRow, make_generator
+from server.engine.stop import banned_token_ids, check_stop
+from server.engine.types import (BucketRun, ExecuteOutput, FinishReason, RequestOutput,
+                                 RequestStats, RequestTooLongError, SamplingParams,
+                                 SamplingParamsError, SamplingRow, StepStats)
 
 
 class EngineObserver(Protocol):
@@ -29,6 +31,10 @@ class EngineObserver(Protocol):
     def observe_token_gap(self, seconds: float) -> None: ...
 
 
+def sequence_key(seq: Sequence) -> str:
+    return f"{seq.request.request_id}#{seq.index}"
+
+
 class LLMEngine:
     def __init__(self, runner, tokenizer, config: Optional[EngineConfig] = None,
                  observer: Optional[EngineObserver] = None):
@@ -37,21 +43,22 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.observer = observer
         self.eos_token_ids = tuple(runner.eos_token_ids) or _tokenizer_eos(tokenizer)
-        self.kv = KVCacheManager(self.config.max_num_seqs, runner.copy_slot)
-        self.scheduler = Scheduler(self.config, runner.context_buckets, self.kv)
-        self.sampler = Sampler(self.config.logprobs_mode)
+        self.kv = KVCacheManager(self.config.max_num_seqs)
+        self.scheduler = Scheduler(self.config, self.kv, runner.chunk_len)
         self.last_step_stats: Optional[StepStats] = None
         self._requests: dict[str, Request] = {}
         self._pending_aborts: list[str] = []
+        self._released: list[str] = []     # finished sequences whose sampler state can go
         self._generate_ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
-        """Raise ValueError / RequestTooLongError for a request this engine can never run.
-        Reads only the config, so other threads may call it while the engine steps."""
-        params.validate()
+        """Raise ValueError / RequestTooLongError for a request this engine can never run (the
+        SamplingParams checked themselves when made). The front doors call it (AsyncEngine's
+        add_request, generate); the engine and scheduler then trust the request. Reads only the
+        config, so other threads may call it while the engine steps."""
         if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+            raise SamplingParamsError("n", f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         vocab = self.runner.vocab_size
@@ -62,14 +69,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: SamplingParams) -> None:
-        """Queue a request (raises ValueError, RequestTooLongError or QueueFullError)."""
-        self.check_request(prompt_token_ids, params)
+        """Queue a request that passed check_request (raises QueueFullError, or ValueError
+        for an id in use)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        generators = None
-        if params.seed is not None:   # vLLM: choice i of a seeded request uses seed + i
-            generators = [make_generator(params.seed + i) for i in range(params.n)]
-        request = Request(request_id, list(prompt_token_ids), params, time.monotonic(), generators)
+        request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
         for seq in request.seqs:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
         self.scheduler.add(request)
@@ -99,75 +103,47 @@ class LLMEngine:
         start = time.monotonic()
         outputs = self._apply_aborts()
         plan = self.scheduler.schedule()
-        runs, seqs, logits = self._execute(plan)
-        if seqs:
-            sampled = self.sampler.sample(logits, [self._sampling_row(s) for s in seqs])
-            outputs += self._update(seqs, sampled)
+        runs: list[BucketRun] = []
+        if not plan.is_empty:
+            seqs = plan.sampled_seqs()
+            plan.sampling_rows = [self._sampling_row(seq) for seq in seqs]
+            plan.released, self._released = self._released, []
+            plan.logprobs_mode = self.config.logprobs_mode
+            result: ExecuteOutput = self.runner.execute(plan)
+            runs = result.runs
+            outputs += self._update(seqs, result)
         if runs or outputs:
             self._observe_step(runs, start)
         return outputs
 
-    def _execute(self, plan: SchedulerOutput):
-        runs: list[BucketRun] = []
-        seqs: list[Sequence] = []
-        logits = []
-        if plan.decode.seqs:
-            out = self.runner.decode(plan.decode.token_ids, plan.decode.positions)
-            runs.append(out.run)
-            seqs += plan.decode.seqs
-            logits.append(out.logits)
-        for chunk in plan.prefills:
-            out = self.runner.prefill(chunk.slot, chunk.token_ids, chunk.start_pos)
-            runs.append(out.run)
-            for child in chunk.forks:
-                self.runner.copy_slot(chunk.slot, child.slot, chunk.end_pos)
-            if chunk.is_last:
-                group = [chunk.seq, *chunk.forks]
-                seqs += group
-                logits.append(out.logits.expand(len(group), -1))
-        return runs, seqs, (torch.cat(logits) if logits else None)
-
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
-        banned: tuple[int, ...] = ()
-        if seq.num_output_tokens < params.min_tokens:
-            banned = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, seq.generator,
-                           banned)
+        return SamplingRow(key=sequence_key(seq), params=params, prompt_token_ids=seq.prompt_token_ids,
+                           output_token_ids=seq.output_token_ids,
+                           seed=None if params.seed is None else params.seed + seq.index,
+                           banned_token_ids=banned_token_ids(seq, self.eos_token_ids))
 
-    def _update(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _update(self, seqs: list[Sequence], result: ExecuteOutput) -> list[RequestOutput]:
         now = time.monotonic()
-        for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+        for seq, token_id, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
             self._append_token(seq, token_id, logprob, now)
-        self.scheduler.finish([seq for seq in seqs if seq.is_finished])
+        finished = [seq for seq in seqs if seq.is_finished]
+        self.scheduler.finish(finished)
+        self._released += [sequence_key(seq) for seq in finished]
         groups: dict[str, list[Sequence]] = {}
         for seq in seqs:
             groups.setdefault(seq.request.request_id, []).append(seq)
         return [self._output(group[0].request, group, now) for group in groups.values()]
 
     def _append_token(self, seq: Sequence, token_id: int, logprob, now: float) -> None:
-        request, params = seq.request, seq.params
+        request = seq.request
         if request.times.first_token is None:
             request.times.first_token = now
         if seq.last_token_time is not None and self.observer is not None:
             self.observer.observe_token_gap(now - seq.last_token_time)
         seq.last_token_time = now
         seq.append_token(token_id, logprob)
-        # min_tokens: eos and stop ids are masked until then; stop strings wait as well.
-        may_stop = seq.num_output_tokens > params.min_tokens
-        is_eos = may_stop and not params.ignore_eos and token_id in self.eos_token_ids
-        is_stop_id = may_stop and token_id in params.stop_token_ids
-        stop_str = seq.detokenizer.update(
-            token_id, skip_text=(is_eos or is_stop_id) and not params.include_stop_str_in_output)
-        if is_eos:
-            seq.finish(FinishReason.STOP)
-        elif is_stop_id:
-            seq.finish(FinishReason.STOP, token_id)
-        elif stop_str is not None:
-            seq.finish(FinishReason.STOP, stop_str)
-        elif ((params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
-              or seq.num_tokens >= self.config.max_model_len):
-            seq.finish(FinishReason.LENGTH)
+        check_stop(seq, token_id, self.eos_token_ids, self.config.max_model_len)
 
     def _apply_aborts(self) -> list[RequestOutput]:
         aborts, self._pending_aborts = self._pending_aborts, []
@@ -181,6 +157,7 @@ class LLMEngine:
             self.scheduler.abort(request)
             for seq in live:
                 seq.finish(FinishReason.ABORT)
+            self._released += [sequence_key(seq) for seq in live]
             outputs.append(self._output(request, live, now))
         return outputs
 
@@ -205,7 +182,8 @@ class LLMEngine:
     def generate(self, prompts: Seq[str | Seq[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order, accumulated (not deltas).
-        Outputs of requests added by other callers during the call are dropped."""
+        Outputs of requests added by other callers during the call are dropped. This is the
+        offline front door, so it checks every request before queueing any."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):

@@ -1,8 +1,8 @@
 """Request and Sequence: the engine's per-request state.
 
 A Request owns its prompt ids, params and timestamps; each of its n choices is a Sequence,
-which owns its output ids, status, KV slot, counters, detokenizer and (when the request is
-seeded) its own torch.Generator. No torch import here: generators are made by the sampler.
+which owns its output ids, status, KV slot, counters and detokenizer. No torch here: a seeded
+sequence's random generator lives with the runner's sampler (SamplingRow.key).
 """
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One choice of a request. `num_computed_tokens` counts positions already in the KV cache."""
 
-    def __init__(self, request: "Request", index: int, generator: Any = None):
+    def __init__(self, request: "Request", index: int):
         self.request = request
         self.index = index
-        self.generator = generator
         self.output_token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.status = SequenceStatus.WAITING
@@ -97,13 +96,12 @@ class Request:
     """A prompt with its params and n choices (`seqs`); seqs[0] is the one that prefills."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival: float, generators: Optional[list[Any]] = None):
+                 arrival: float):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.times = RequestTimes(arrival=arrival)
-        generators = generators or [None] * params.n
-        self.seqs = [Sequence(self, i, generators[i]) for i in range(params.n)]
+        self.seqs = [Sequence(self, i) for i in range(params.n)]
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, prompt={len(self.prompt_token_ids)}, n={self.n})"

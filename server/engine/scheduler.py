@@ -1,20 +1,27 @@
-"""Continuous-batching policy: FCFS admission into KV slots, chunked prefill, decode every step.
+"""Continuous-batching policy: FCFS admission into KV slots, a per-step prefill token budget,
+decode every step.
 
-No torch here: the scheduler sees bucket sizes only as numbers, so it is tested with a fake
-runner. One step's plan is a SchedulerOutput: the decode batch (every decoding sequence,
-slots 0..d-1) plus prefill chunks. Rules:
+No torch here: the scheduler sees the runner only as numbers. One step's plan is a
+SchedulerOutput, which the runner executes whole (runner.execute):
 
-- A prompt is prefilled in chunks of `chunk_size` (the largest context bucket within the
-  per-step prefill budget); one that fits a bucket runs as one chunk at the smallest bucket
-  that fits. Chunks are charged to the budget at their padded (bucket) size.
-- While sequences are decoding, at most `max_prefills_while_decoding` chunks join a step, so
-  a decode never waits behind more than that (inter-token latency) and the oldest waiting
-  prompt advances every step (time to first token). With nothing decoding, prefills fill
-  the budget.
-- Prefills run strictly in arrival order, so at most one sequence is mid-prefill at a step
+1. `copies`: compaction moves recorded since the last step (kv_cache.py), run first, in order;
+2. `decode`: every decoding sequence, slots 0..d-1;
+3. `prefills`: prompt chunks, in arrival order; a chunk that completes its prompt is followed by
+   copies of the slot into its request's other choices (`fork_slots`, for n > 1).
+
+Rules:
+- Prefill tokens per step are bounded by `max_num_batched_tokens` (vLLM's flag of that name;
+  here decode rows are not counted, they run in their own graph). Whole prompts are packed into
+  the budget in arrival order. The step's first prompt always advances: if it is longer than the
+  budget it is cut, and its rest continues in later steps as chunks of at most `chunk_len` tokens
+  that attend to the slot's past. A later prompt that does not fit waits for the next step rather
+  than being cut (a cut leaves a short remainder that would run padded to a whole chunk graph).
+  So a running stream never waits behind more than one budget's worth of prefill between two
+  tokens, and the oldest waiting prompt advances every step.
+- Only the step's first prompt is ever cut, so at most one sequence is mid-prefill at a step
   boundary and it always finishes before the next one starts (see kv_cache.py's layout).
-- A request with n choices is admitted only when n slots are free: choice 0 prefills,
-  the others are reserved and receive its cache by copy_slot when its last chunk has run.
+- A request with n choices is admitted only when n slots are free: choice 0 prefills, the
+  others are reserved and receive its cache by copy once its last chunk has run.
 """
 from __future__ import annotations
 
@@ -23,11 +30,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
 
-from compile.buckets import prefill_length
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, Sequence, SequenceStatus
-from server.engine.types import QueueFullError
+from server.engine.types import QueueFullError, SamplingRow, SlotCopy
 
 
 @dataclass
@@ -43,6 +49,10 @@ class PrefillChunk:
     def end_pos(self) -> int:
         return self.start_pos + len(self.token_ids)
 
+    @property
+    def fork_slots(self) -> list[int]:
+        return [child.slot for child in self.forks]
+
 
 @dataclass
 class DecodeBatch:
@@ -53,23 +63,41 @@ class DecodeBatch:
 
 @dataclass
 class SchedulerOutput:
+    """One step for runner.execute. `sampling_rows` (filled by the engine) has one row per
+    sequence that samples this step: the decode rows, then for each chunk that completes its
+    prompt its sequence and its forks. `released` names sequences that finished since the last
+    step (the runner drops their sampler state)."""
+
+    copies: list[SlotCopy]
     decode: DecodeBatch
     prefills: list[PrefillChunk]
+    sampling_rows: list[SamplingRow] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    logprobs_mode: str = "raw"
 
     @property
     def is_empty(self) -> bool:
-        return not self.decode.seqs and not self.prefills
+        return not self.copies and not self.decode.seqs and not self.prefills
+
+    def sampled_seqs(self) -> list[Sequence]:
+        """The sequences sampling_rows stand for, in the same order."""
+        seqs = list(self.decode.seqs)
+        for chunk in self.prefills:
+            if chunk.is_last:
+                seqs += [chunk.seq, *chunk.forks]
+        return seqs
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.prefills)
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, context_buckets: Seq[int], kv: KVCacheManager):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, chunk_len: int):
         assert config.is_resolved, "resolve the EngineConfig against the runner first"
         self.max_num_queued_reqs = config.max_num_queued_reqs
-        self.max_prefill_tokens = config.max_prefill_tokens_per_step
-        self.max_prefills_while_decoding = config.max_prefills_while_decoding
-        self.context_buckets = sorted(context_buckets)
-        fitting = [b for b in self.context_buckets if b <= self.max_prefill_tokens]
-        self.chunk_size = fitting[-1]
+        self.token_budget = config.max_num_batched_tokens
+        self.chunk_len = chunk_len      # tokens of a later chunk (runner.chunk_len)
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}   # requests holding (or reserving) slots
@@ -92,30 +120,28 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        copies = self.kv.take_copies()
         decode = DecodeBatch()
         for seq in self.kv.decoding():
             decode.seqs.append(seq)
             decode.token_ids.append(seq.last_token_id)
             decode.positions.append(seq.num_computed_tokens)
             seq.num_computed_tokens += 1
-        max_chunks = self.max_prefills_while_decoding if decode.seqs else None
-        budget = self.max_prefill_tokens
+        budget = self.token_budget
         prefills: list[PrefillChunk] = []
-        while max_chunks is None or len(prefills) < max_chunks:
+        while budget > 0:
             seq = self.prefilling
             if seq is None:
-                if not self.waiting or not self._can_admit(self.waiting[0]):
+                if not self.waiting or not self.kv.can_allocate(self.waiting[0].n):
                     break
-                seq = self.waiting[0].seqs[0]
-            start = seq.num_computed_tokens
-            cost = prefill_length(self.context_buckets, min(self.chunk_size, seq.num_prompt_tokens - start), start)
-            if prefills and cost > budget:
-                break
-            budget -= cost
-            if seq is not self.prefilling:
-                self._admit(self.waiting.popleft())
-            prefills.append(self._next_chunk(seq))
-        return SchedulerOutput(decode=decode, prefills=prefills)
+                if prefills and self.waiting[0].num_prompt_tokens > budget:
+                    break   # whole prompts only after the first (see the module docstring)
+                seq = self._admit(self.waiting.popleft())
+            limit = budget if seq.num_computed_tokens == 0 else min(budget, self.chunk_len)
+            chunk = self._next_chunk(seq, limit)
+            budget -= len(chunk.token_ids)
+            prefills.append(chunk)
+        return SchedulerOutput(copies=copies, decode=decode, prefills=prefills)
 
     def finish(self, seqs: Seq[Sequence]) -> None:
         """Free the slots of finished sequences (their status already says FINISHED)."""
@@ -141,20 +167,18 @@ class Scheduler:
         self.kv.free([seq for seq in request.seqs if seq.slot is not None])
         self.running.pop(request.request_id, None)
 
-    def _can_admit(self, request: Request) -> bool:
-        return self.kv.can_allocate(request.n)
-
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request) -> Sequence:
         head = request.seqs[0]
         self.kv.allocate(head, num_reserved=request.n - 1)
         head.status = SequenceStatus.PREFILLING
         request.times.scheduled = time.monotonic()
         self.running[request.request_id] = request
         self.prefilling = head
+        return head
 
-    def _next_chunk(self, seq: Sequence) -> PrefillChunk:
+    def _next_chunk(self, seq: Sequence, budget: int) -> PrefillChunk:
         start = seq.num_computed_tokens
-        end = min(start + self.chunk_size, seq.num_prompt_tokens)
+        end = min(start + budget, seq.num_prompt_tokens)
         chunk = PrefillChunk(seq=seq, slot=seq.slot, token_ids=seq.prompt_token_ids[start:end],
                              start_pos=start, is_last=end == seq.num_prompt_tokens)
         seq.num_computed_tokens = end

@@ -37,6 +37,14 @@ class RequestTooLongError(ValueError):
         self.max_model_len = max_model_len
 
 
+class SamplingParamsError(ValueError):
+    """An invalid SamplingParams field; `field` names it (the OpenAI error's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings (OpenAI fields plus vLLM's common extras)."""
@@ -58,26 +66,33 @@ class SamplingParams:
     logprobs: Optional[int] = None         # None: off; k >= 0: sampled token + top-k alternatives
     include_stop_str_in_output: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ValueError with a one-line message naming the bad field."""
+        """Raise SamplingParamsError (a ValueError naming the bad field). Runs on construction,
+        so a SamplingParams that exists is a valid one."""
         checks = [
-            (self.n >= 1, "n must be at least 1"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.min_tokens >= 0, "min_tokens must be non-negative"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            ("n", self.n >= 1, "n must be at least 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            ("min_tokens", self.min_tokens >= 0, "min_tokens must be non-negative"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "min_tokens must not exceed max_tokens"),
-            (self.temperature >= 0.0, "temperature must be non-negative"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k must be -1, 0 (disabled) or a positive integer"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be positive"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("temperature", self.temperature >= 0.0, "temperature must be non-negative"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "top_k must be -1, 0 (disabled) or a positive integer"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "repetition_penalty must be positive"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
         ]
-        for ok, message in checks:
+        for name, ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingParamsError(name, message)
 
     @property
     def greedy(self) -> bool:
@@ -121,6 +136,39 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     times: Optional[RequestTimes] = None
+
+
+@dataclass(frozen=True)
+class SlotCopy:
+    """Copy the first `length` cached positions of KV slot `src` into slot `dst`."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs for one row of logits. `key` names the sequence: a seeded one
+    (`seed` is not None) draws from its own generator, which the runner makes on first sight and
+    keeps under that key until the plan releases it."""
+
+    key: str
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: Optional[int] = None               # vLLM: choice i of a seeded request uses seed + i
+    banned_token_ids: tuple[int, ...] = ()   # min_tokens: eos and stop ids until then
+
+
+@dataclass
+class ExecuteOutput:
+    """What runner.execute(plan) returns: one sampled token (and its logprobs when asked)
+    per row of plan.sampling_rows, and the graphs it ran."""
+
+    token_ids: list[int]
+    logprobs: list[Optional[TokenLogprob]]
+    runs: list["BucketRun"]
 
 
 @dataclass(frozen=True)

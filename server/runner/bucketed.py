@@ -1,20 +1,40 @@
-"""What every target's runner shares: the bucket shapes from the manifest, picking the graph
-that fits a call, padding inputs to it, timing it, and warming every bucket up."""
+"""What every target's runner shares: the graphs of the manifest (by GraphSpec), picking the one
+that fits a call, padding inputs to it, timing it, and warming every graph up."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from compile.buckets import prefill_length, smallest_fitting
+from compile.buckets import GraphSpec, smallest_fitting
 from compile.manifest import Manifest
 from compile.model import ModelConfig
 from server.engine.types import BucketRun
+from server.runner.executor import PlanExecutor
+from server.runner.interface import RunnerOutput
 
 
-class BucketedRunner:
+@dataclass
+class Chunk:
+    """A prefill call's unit outside a plan (warm-up, tests, benchmarks): what PrefillChunk has."""
+
+    slot: int
+    token_ids: list[int]
+    start_pos: int = 0
+    is_last: bool = True
+    forks: tuple = ()
+    fork_slots: tuple = ()
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+class BucketedRunner(PlanExecutor):
     def __init__(self, manifest: Manifest):
+        super().__init__()
         self.model = ModelConfig.from_dict(manifest.model)
         self.num_slots = manifest.max_num_seqs
         self.max_model_len = manifest.max_model_len
@@ -23,21 +43,29 @@ class BucketedRunner:
         self.batch_buckets = tuple(manifest.buckets["batch"])
         self.kv_buckets = tuple(manifest.buckets["kv"])
         self.eos_token_ids = tuple(self.model.eos_token_ids)
+        self.specs = [GraphSpec.from_dict(g) for g in manifest.graphs]
+        self.chunk_spec: Optional[GraphSpec] = next((s for s in self.specs if s.kind == "prefill_chunk"), None)
+        # tokens a later chunk of a long prompt may have (the scheduler cuts long prompts to it)
+        self.chunk_len = self.chunk_spec.seq_len if self.chunk_spec else self.context_buckets[-1]
 
-    def prefill_graph(self, n: int, start_pos: int) -> tuple[str, str, int]:
-        """(kind, graph name, padded length) for n prompt tokens starting at start_pos."""
-        if not 0 < n <= self.context_buckets[-1] or start_pos + n > self.max_model_len:
-            raise ValueError(f"prefill of {n} tokens at {start_pos} does not fit the buckets")
-        seq_len = prefill_length(self.context_buckets, n, start_pos)
-        if start_pos == 0:
-            return "prefill", f"prefill_s{seq_len}", seq_len
-        return "prefill_chunk", f"prefill_chunk_s{seq_len}_p{self.max_model_len}", seq_len
+    def of_kind(self, kind: str) -> list[GraphSpec]:
+        return [s for s in self.specs if s.kind == kind]
 
-    def decode_graph(self, n: int, positions: Sequence[int]) -> tuple[str, int, int]:
-        """(graph name, padded batch, KV span) for n sequences at these positions."""
-        batch = smallest_fitting(self.batch_buckets, n)
-        span = smallest_fitting(self.kv_buckets, max(max(positions), 1))
-        return f"decode_b{batch}_k{span}", batch, span
+    def prefill_spec(self, n: int, start_pos: int) -> GraphSpec:
+        """The one-prompt graph for n prompt tokens starting at start_pos."""
+        if start_pos > 0:
+            if self.chunk_spec is None or n > self.chunk_spec.seq_len or start_pos + n > self.max_model_len:
+                raise ValueError(f"a chunk of {n} tokens at {start_pos} does not fit the chunk graph")
+            return self.chunk_spec
+        fitting = [s for s in self.of_kind("prefill") if s.seq_len >= n]
+        if not fitting:
+            raise ValueError(f"a prefill of {n} tokens does not fit the buckets")
+        return min(fitting, key=lambda s: s.seq_len)
+
+    def decode_spec(self, n: int, positions: Sequence[int]) -> GraphSpec:
+        """The decode graph for n sequences at these positions."""
+        return GraphSpec("decode", batch=smallest_fitting(self.batch_buckets, n),
+                         kv_len=smallest_fitting(self.kv_buckets, max(max(positions), 1)))
 
     @staticmethod
     def padded(values: Sequence[int], length: int, fill: int = 0) -> torch.Tensor:
@@ -53,12 +81,24 @@ class BucketedRunner:
             outputs = call()
         return outputs, BucketRun(kind, name, real, computed - real, time.perf_counter() - start)
 
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> RunnerOutput:
+        """One prompt chunk alone: logits [1, V] of its last token."""
+        return self.run_prefill([Chunk(slot, list(token_ids), start_pos)])
+
+    def warmup_calls(self, spec: GraphSpec) -> None:
+        """Run `spec`'s graph once with inputs of its shape."""
+        if spec.kind == "prefill":
+            self.prefill(0, [0] * spec.seq_len)
+        elif spec.kind == "prefill_chunk":
+            self.prefill(0, [0] * spec.seq_len, self.max_model_len - spec.seq_len)
+        elif spec.kind == "decode":
+            self.decode([0] * spec.batch, [min(spec.kv_len, self.max_model_len - 1)] * spec.batch)
+
     def warmup(self) -> None:
-        """Run every bucket graph once (first calls pay one-off costs; docs/neuron.md)."""
-        for s in self.context_buckets:
-            self.prefill(0, [0] * s, 0)
-        if self.max_model_len > self.context_buckets[-1]:
-            self.prefill(0, [0], self.max_model_len - 1)
-        for b in self.batch_buckets:
-            for k in self.kv_buckets:
-                self.decode([0] * b, [min(k, self.max_model_len - 1)] * b)
+        """Run every graph once (first calls pay one-off costs; docs/neuron.md), then clear the cache."""
+        for spec in self.specs:
+            self.warmup_calls(spec)
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Leave the KV cache as if nothing ran (what warm-up wrote is garbage)."""

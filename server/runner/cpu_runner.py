@@ -6,11 +6,27 @@ from typing import Sequence
 
 import torch
 
-from compile.manifest import Manifest
-from server.runner.bucketed import BucketedRunner
+from compile.buckets import GraphSpec
+from compile.dtypes import torch_dtype
+from compile.manifest import ArtifactError, Manifest
+from server.runner.bucketed import BucketedRunner, Chunk
 from server.runner.interface import RunnerOutput
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+def check_host(manifest: Manifest, path: Path) -> None:
+    """Refuse (ArtifactError, one line) cpu graphs this host cannot run: another torch release than
+    they were exported with, or oneDNN-packed graphs where oneDNN cannot pack."""
+    from compile.model import CPU_ONEDNN
+    where = Path(path) / "manifest.json"
+    built, here = manifest.versions.get("torch", "?"), torch.__version__
+    if built.split(".")[:2] != here.split(".")[:2]:
+        raise ArtifactError(f"{where}: graphs exported with torch {built}, this host has torch {here}; "
+                            f"recompile the artifact here")
+    if manifest.graph_variant == CPU_ONEDNN:
+        from compile.cpu_kernels import onednn_problem
+        if problem := onednn_problem(torch_dtype(manifest.dtype)):
+            raise ArtifactError(f"{where}: graphs compiled with --cpu-kernels {CPU_ONEDNN}, but {problem}; "
+                                f"recompile with --cpu-kernels portable")
 
 
 class CpuRunner(BucketedRunner):
@@ -22,40 +38,86 @@ class CpuRunner(BucketedRunner):
         from compile.cpu_kernels import graph_weights
         from compile.cpu_target import load_graph
         super().__init__(manifest)
-        dtype = DTYPES[manifest.dtype]
-        # (the graph variant was checked against this host by server/runner/artifact.py)
+        dtype = torch_dtype(manifest.dtype)
         stored = load_file(str(path / manifest.weights[0]))
         self.weights = graph_weights(self.model, stored, manifest.graph_variant)
         del stored  # CPU_ONEDNN keeps packed copies; the plain ones they came from are freed
-        self.graphs = {g["name"]: load_graph(path / g["file"]) for g in manifest.graphs}
+        self.graphs = {GraphSpec.from_dict(g): load_graph(path / g["file"]) for g in manifest.graphs}
+        self.packed = sorted(self.of_kind("prefill_packed"), key=lambda s: s.seq_len)
         m = self.model
         # [L, slots, kv_heads, max_len, head_dim] for both: see compile/model.py
         shape = (m.num_layers, self.num_slots, m.num_kv_heads, self.max_model_len, m.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
-    def _run(self, kind: str, name: str, real: int, computed: int, *inputs):
-        return self.timed(kind, name, real, computed, lambda: self.graphs[name](self.weights, *inputs))
+    def _run(self, kind: str, spec: GraphSpec, real: int, computed: int, *inputs):
+        graph = self.graphs[spec]
+        return self.timed(kind, spec.name, real, computed, lambda: graph(self.weights, *inputs))
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
-        n = len(token_ids)
-        kind, name, seq_len = self.prefill_graph(n, start_pos)
-        extra = (self.k_cache[:, slot], self.v_cache[:, slot]) if kind == "prefill_chunk" else ()
+    # ---- prefill ------------------------------------------------------------------------------
+    def prefill_groups(self, chunks: Sequence) -> list[list]:
+        """Whole prompts (and first chunks) packed end to end into as few calls as fit the largest
+        packed graph; a later chunk of a long prompt runs alone on the chunk graph."""
+        groups: list[list] = []
+        largest = self.packed[-1]
+        for chunk in chunks:
+            last = groups[-1] if groups else None
+            if (chunk.start_pos == 0 and last and last[0].start_pos == 0 and len(last) < largest.batch
+                    and sum(len(c.token_ids) for c in last) + len(chunk.token_ids) <= largest.seq_len):
+                last.append(chunk)
+            else:
+                groups.append([chunk])
+        return groups
+
+    def run_prefill(self, chunks: Sequence) -> RunnerOutput:
+        if len(chunks) == 1 and chunks[0].start_pos > 0:
+            return self._prefill_chunk(chunks[0])
+        if any(c.start_pos != 0 for c in chunks):
+            raise ValueError("only whole prompts (first chunks) can be packed")
+        lengths = [len(c.token_ids) for c in chunks]
+        total = sum(lengths)
+        fitting = [s for s in self.packed if s.seq_len >= total and s.batch >= len(chunks)]
+        if not fitting or min(lengths) < 1:
+            raise ValueError(f"a packed prefill of {len(chunks)} prompts, {total} tokens, fits no graph")
+        spec = fitting[0]
+        ids, positions, segments, ends = [], [], [], []
+        for i, c in enumerate(chunks):
+            ids += c.token_ids
+            positions += range(len(c.token_ids))
+            segments += [i] * len(c.token_ids)
+            ends.append(len(ids) - 1)
+        last = self.padded(ends, spec.batch, fill=ends[-1])
+        # padding: a segment of its own (len(chunks)), so no prompt attends to it
         (logits, new_k, new_v), run = self._run(
-            kind, name, n, seq_len, self.padded(token_ids, seq_len), torch.tensor(start_pos), torch.tensor(n - 1),
-            *extra)
-        self.k_cache[:, slot, :, start_pos:start_pos + n] = new_k[:, :, :n]
-        self.v_cache[:, slot, :, start_pos:start_pos + n] = new_v[:, :, :n]
+            "prefill", spec, total, spec.seq_len, self.padded(ids, spec.seq_len),
+            self.padded(positions, spec.seq_len), self.padded(segments, spec.seq_len, fill=len(chunks)), last)
+        offset = 0
+        for c, n in zip(chunks, lengths):
+            self.k_cache[:, c.slot, :, :n] = new_k[:, :, offset:offset + n]
+            self.v_cache[:, c.slot, :, :n] = new_v[:, :, offset:offset + n]
+            offset += n
+        return RunnerOutput(logits=logits[:len(chunks)], run=run)
+
+    def _prefill_chunk(self, chunk) -> RunnerOutput:
+        n, slot, start = len(chunk.token_ids), chunk.slot, chunk.start_pos
+        spec = self.prefill_spec(n, start)
+        (logits, new_k, new_v), run = self._run(
+            "prefill_chunk", spec, n, spec.seq_len, self.padded(chunk.token_ids, spec.seq_len), torch.tensor(start),
+            torch.tensor(n - 1), self.k_cache[:, slot], self.v_cache[:, slot])
+        self.k_cache[:, slot, :, start:start + n] = new_k[:, :, :n]
+        self.v_cache[:, slot, :, start:start + n] = new_v[:, :, :n]
         return RunnerOutput(logits=logits, run=run)
 
+    # ---- decode and copies --------------------------------------------------------------------
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:
         n = len(token_ids)
-        name, batch, span = self.decode_graph(n, positions)
+        spec = self.decode_spec(n, positions)
+        batch, span = spec.batch, spec.kv_len
         pos = self.padded(positions, batch)
         # NOTE: slots 0..batch-1 as a view: no gather copy of the cache (docs/benchmarks.md).
         k_span = self.k_cache[:, :batch, :, :span]
         v_span = self.v_cache[:, :batch, :, :span]
-        (logits, new_k, new_v), run = self._run("decode", name, n, batch, self.padded(token_ids, batch), pos,
+        (logits, new_k, new_v), run = self._run("decode", spec, n, batch, self.padded(token_ids, batch), pos,
                                                 k_span, v_span)
         rows, at = torch.arange(n), pos[:n]
         self.k_cache[:, rows, :, at] = new_k[:, :n].permute(1, 0, 2, 3)
@@ -67,7 +129,14 @@ class CpuRunner(BucketedRunner):
             self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
             self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
 
-    def warmup(self) -> None:
-        super().warmup()
+    # ---- warm-up ------------------------------------------------------------------------------
+    def warmup_calls(self, spec: GraphSpec) -> None:
+        if spec.kind == "prefill_packed":
+            per = spec.seq_len // spec.batch
+            self.run_prefill([Chunk(i, [0] * per) for i in range(spec.batch)])
+        else:
+            super().warmup_calls(spec)
+
+    def clear_cache(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()

@@ -1,21 +1,29 @@
-"""The contract between the engine (scheduler) and whatever runs the bucket graphs.
+"""The contract between the engine and whatever runs the bucket graphs.
 
-The engine never touches the KV cache or graphs; it asks the runner for these four things.
-Slot discipline (why decode takes no slot list): the cache is `num_slots` rows; a decode
-batch of n sequences is always slots 0..n-1, so the graph reads a *view* of the cache with
-no gather copy (see docs/benchmarks.md, "Design measurements"). When a sequence in the
-middle finishes, the scheduler moves the last one into its slot with `copy_slot`.
+The engine never touches the KV cache, the graphs or torch; each step it hands the runner one
+plan (server.engine.scheduler.SchedulerOutput) and gets back the sampled tokens:
+
+    execute(plan) -> ExecuteOutput(token_ids, logprobs, runs)
+
+runs, in this order: the plan's slot copies; one decode graph for slots 0..d-1; the prefill
+chunks (a target may pack several prompts into one graph call), each chunk that completes a
+prompt followed by copies of its slot into `fork_slots`; then the sampler over the logits of
+plan.sampling_rows. Slot discipline (why decode takes no slot list): the cache is `num_slots`
+rows and a decode batch of n sequences is always slots 0..n-1, so the graph reads a *view* of
+the cache with no gather copy (docs/benchmarks.md, "Design measurements").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
-from server.engine.types import BucketRun
+from server.engine.types import BucketRun, ExecuteOutput
 
 
 @dataclass
 class RunnerOutput:
+    """One graph call inside a runner: its logits and what it cost."""
+
     logits: "object"   # torch.FloatTensor [num_rows, vocab_size], float32, padding rows removed
     run: BucketRun
 
@@ -24,22 +32,15 @@ class ModelRunner(Protocol):
     num_slots: int                      # KV cache rows (>= max_num_seqs)
     max_model_len: int                  # positions per slot
     vocab_size: int
-    context_buckets: tuple[int, ...]    # prefill lengths, ascending
+    context_buckets: tuple[int, ...]    # prefill lengths (tokens per call), ascending
+    chunk_len: int                      # tokens of a later chunk of a long prompt (attends to the past)
     batch_buckets: tuple[int, ...]      # decode batch sizes, ascending
     kv_buckets: tuple[int, ...]         # decode attention spans, ascending
     eos_token_ids: tuple[int, ...]
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
-        """Write K/V of `token_ids` at positions [start_pos, start_pos+len) of `slot` and return
-        logits [1, V] of the last token. With start_pos == 0, len(token_ids) <= max(context_buckets);
-        with start_pos > 0 (a later chunk of a long prompt), len(token_ids) <= max(context_buckets)
-        and the chunk attends to the slot's cached positions [0, start_pos)."""
+    def execute(self, plan) -> ExecuteOutput:
+        """Run one SchedulerOutput (see the module docstring); returns one token per sampling row."""
 
-    def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:
-        """One token for each of slots 0..n-1 (n = len(token_ids) <= max(batch_buckets)):
-        token i sits at position positions[i] (== number of tokens already cached in slot i).
-        Writes its K/V there and returns logits [n, V]."""
-
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot `src` into slot `dst`
-        (compaction after a finish, and sharing a prefilled prompt between n > 1 choices)."""
+    def warmup(self) -> None:
+        """Run every graph once, before serving (first calls pay one-off costs), and leave the
+        cache as if nothing ran."""

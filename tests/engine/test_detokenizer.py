@@ -1,10 +1,13 @@
-"""Incremental detokenization (UTF-8 safe) and stop strings, with the real SmolLM2 byte-level BPE."""
+"""Incremental detokenization (UTF-8 safe) and stop strings (through the engine's one stop check,
+server/engine/stop.py), with the real SmolLM2 byte-level BPE."""
 from __future__ import annotations
 
 import pytest
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.types import SamplingParams
+from server.engine.request import Request
+from server.engine.stop import check_stop
+from server.engine.types import FinishReason, SamplingParams
 
 PROMPT = "Say something:"
 
@@ -12,10 +15,16 @@ PROMPT = "Say something:"
 def stream(tokenizer, text, prompt=PROMPT, **params):
     """Feed `text`'s tokens one by one; return (deltas, stop string or None, final text)."""
     ids = tokenizer.encode(text)
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), SamplingParams(**params))
+    params = SamplingParams(max_tokens=None, **params)
+    seq = Request("r", tokenizer.encode(prompt), params, arrival=0.0).seqs[0]
+    seq.detokenizer = detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), params)
     deltas, stop = [], None
     for i, token_id in enumerate(ids):
-        stop = detok.update(token_id)
+        seq.append_token(token_id, None)
+        check_stop(seq, token_id, eos_token_ids=(), max_model_len=10_000)
+        if seq.is_finished:
+            assert seq.finish_reason is FinishReason.STOP
+            stop = seq.stop_reason
         finished = stop is not None or i == len(ids) - 1
         deltas.append(detok.get_delta(finished))
         if stop is not None:

@@ -52,11 +52,14 @@ def specs(draw):
 
 
 class Observer:
-    def __init__(self):
+    def __init__(self, budget):
         self.requests = []
+        self.budget = budget
 
     def observe_step(self, stats):
         assert stats.num_slots_used <= stats.num_slots_total
+        # the token budget: no step prefills more prompt tokens than max_num_batched_tokens
+        assert sum(r.num_real_tokens for r in stats.runs if r.kind != "decode") <= self.budget
 
     def observe_request(self, stats):
         self.requests.append(stats)
@@ -75,14 +78,14 @@ def greedy_prefix(runner, prompt, length):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests=st.lists(specs(), min_size=1, max_size=10),
        max_num_seqs=st.integers(1, 4), max_queued=st.integers(1, 6),
-       budget=st.sampled_from([8, 16, 40]))
-def test_engine_invariants(requests, max_num_seqs, max_queued, budget):
+       budget=st.sampled_from([3, 8, 16]), pack=st.sampled_from([1, 3]))
+def test_engine_invariants(requests, max_num_seqs, max_queued, budget, pack):
     runner = FakeRunner(num_slots=4, max_model_len=MAX_MODEL_LEN, context_buckets=(8, 16),
-                        kv_buckets=(16, 32, 40))
-    observer = Observer()
+                        kv_buckets=(16, 32, 40), pack=pack)
+    observer = Observer(budget)
     engine = LLMEngine(runner, TOK, EngineConfig(max_num_seqs=max_num_seqs,
                                                  max_num_queued_reqs=max_queued,
-                                                 max_prefill_tokens_per_step=budget), observer)
+                                                 max_num_batched_tokens=budget), observer)
     accepted: dict[str, Spec] = {}
     outputs: dict[str, list] = {}
     aborted_at: dict[str, int] = {}

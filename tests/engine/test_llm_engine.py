@@ -6,7 +6,7 @@ import pytest
 from engine_fakes import CharTokenizer, FakeRunner, hashed_logits, scripted_logits
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.engine.types import (FinishReason, QueueFullError, RequestTooLongError, SamplingParams,
+from server.engine.types import (FinishReason, QueueFullError, RequestTooLongError, SamplingParams, SamplingParamsError,
                                  StepStats)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -131,23 +131,33 @@ def test_length_stop_at_max_model_len():
     assert len(out.outputs[0].token_ids) == 1
 
 
-def test_add_request_rejects_at_once():
+def test_bad_requests_are_refused_by_the_one_admission_check():
     engine = make_engine(FakeRunner(max_model_len=24), max_num_queued_reqs=1)
     with pytest.raises(RequestTooLongError):
-        engine.add_request("long", list(range(1, 25)), GREEDY)
+        engine.check_request(list(range(1, 25)), GREEDY)
     with pytest.raises(ValueError, match="n=5"):
-        engine.add_request("wide", [1], SamplingParams(n=5))
-    with pytest.raises(ValueError, match="top_p"):
-        engine.add_request("bad", [1], SamplingParams(top_p=0.0))
+        engine.check_request([1], SamplingParams(n=5))
     with pytest.raises(ValueError, match="token ids"):
-        engine.add_request("oov", [1, 999], GREEDY)
+        engine.check_request([1, 999], GREEDY)
     with pytest.raises(ValueError, match="at least one token"):
-        engine.add_request("empty", [], GREEDY)
+        engine.check_request([], GREEDY)
+    with pytest.raises(RequestTooLongError):      # generate checks every prompt before queueing any
+        engine.generate([[1], list(range(1, 25))], GREEDY)
+    assert engine.num_waiting == 0
     engine.add_request("a", [1], GREEDY)
     with pytest.raises(ValueError, match="in use"):
         engine.add_request("a", [1], GREEDY)
     with pytest.raises(QueueFullError):
         engine.add_request("b", [1], GREEDY)
+
+
+@pytest.mark.parametrize("field,kwargs", [("top_p", {"top_p": 0.0}), ("n", {"n": 0}),
+                                          ("min_tokens", {"min_tokens": 5, "max_tokens": 2}),
+                                          ("stop", {"stop": ("",)}), ("logprobs", {"logprobs": 21})])
+def test_sampling_params_check_themselves_and_name_the_field(field, kwargs):
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and str(e.value).startswith(field)
 
 
 def test_abort_frees_the_slot_at_the_next_step():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from server.engine.types import SamplingParams
-from server.runner.sampler import Sampler, SamplingRow, make_generator
+from server.engine.types import SamplingParams, SamplingRow
+from server.runner.sampler import Sampler
 
 V = 50
 
@@ -17,8 +17,10 @@ def logits_batch(rows=4, seed=0):
     return torch.randn(rows, V, generator=g) * 3
 
 
-def row(params=None, prompt=(1, 2, 3), output=(), generator=None, banned=()):
-    return SamplingRow(params or SamplingParams(), list(prompt), list(output), generator, banned)
+def row(params=None, prompt=(1, 2, 3), output=(), key="r#0", banned=()):
+    """A row; a seeded params' row draws from the generator the sampler keeps under `key`."""
+    params = params or SamplingParams()
+    return SamplingRow(key, params, list(prompt), list(output), params.seed, tuple(banned))
 
 
 def test_greedy_temperature_zero_and_top_k_one_take_the_argmax():
@@ -41,15 +43,14 @@ def test_does_not_modify_the_runner_logits():
 def seeded_draws(position, batch_rows, seed=1234, steps=6):
     """Draw `steps` tokens for one seeded row placed at `position` among unseeded ones."""
     sampler = Sampler(seed=99)
-    gen = make_generator(seed)
     params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, min_p=0.01, seed=seed)
     tokens = []
     for step in range(steps):
         logits = logits_batch(batch_rows, seed=100 + step)
         target = logits_batch(1, seed=step)[0]
         logits[position] = target
-        rows = [row(SamplingParams(temperature=1.3)) for _ in range(batch_rows)]
-        rows[position] = row(params, generator=gen)
+        rows = [row(SamplingParams(temperature=1.3), key=f"other#{i}") for i in range(batch_rows)]
+        rows[position] = row(params, key="seeded#0")
         tokens.append(sampler.sample(logits, rows).token_ids[position])
     return tokens
 
@@ -64,10 +65,8 @@ def test_seeded_row_reproduces_whatever_its_batch_position_and_neighbours():
 
 def test_seeded_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, math.log(3.0)] + [-1e9] * (V - 2)])
-    gen = make_generator(0)
     sampler = Sampler()
-    draws = [sampler.sample(logits, [row(SamplingParams(seed=0), generator=gen)]).token_ids[0]
-             for _ in range(2000)]
+    draws = [sampler.sample(logits, [row(SamplingParams(seed=0))]).token_ids[0] for _ in range(2000)]
     assert set(draws) <= {0, 1}
     assert 0.70 < draws.count(1) / len(draws) < 0.80   # p = 0.75
 
@@ -89,8 +88,7 @@ def test_penalties_follow_vllm():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5] + [-50.0] * (V - 4)])
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5,
                             presence_penalty=0.25, logprobs=V - 30)
-    sampler = Sampler(logprobs_mode="processed")
-    out = sampler.sample(logits, [row(params, prompt=[0], output=[1, 2, 2])])
+    out = Sampler().sample(logits, [row(params, prompt=[0], output=[1, 2, 2])], "processed")
     # token 0 (prompt): 2/2 = 1.0; token 1: -2*2 - 0.5*1 - 0.25 = -4.75;
     # token 2: 1/2 - 0.5*2 - 0.25 = -0.75; token 3 untouched: 0.5
     expected = torch.tensor([1.0, -4.75, -0.75, 0.5] + [-50.0] * (V - 4))
@@ -109,9 +107,8 @@ def test_banned_tokens_never_sampled():
 def test_raw_logprobs_ignore_temperature_and_processed_ones_do_not():
     logits = logits_batch(1)
     params = SamplingParams(temperature=0.5, top_k=5, logprobs=3, seed=0)
-    raw = Sampler("raw").sample(logits, [row(params, generator=make_generator(0))]).logprobs[0]
-    processed = Sampler("processed").sample(
-        logits, [row(params, generator=make_generator(0))]).logprobs[0]
+    raw = Sampler().sample(logits, [row(params)], "raw").logprobs[0]
+    processed = Sampler().sample(logits, [row(params)], "processed").logprobs[0]
     want = torch.log_softmax(logits[0], dim=-1)
     assert raw.token_id == processed.token_id
     assert math.isclose(raw.logprob, want[raw.token_id].item(), rel_tol=1e-5)
@@ -163,3 +160,13 @@ def test_top_k_top_p_matches_vllm_full_sort(monkeypatch, candidates):
     want = vllm_top_k_top_p(logits.clone(), k, torch.tensor(p))
     assert torch.equal(ours.isinf(), want.isinf())
     assert torch.equal(ours[~ours.isinf()], logits[~ours.isinf()])
+
+
+def test_a_released_key_starts_its_seeded_generator_again():
+    logits = torch.zeros(1, V)
+    params = SamplingParams(temperature=1.0, seed=7)
+    sampler = Sampler()
+    first = [sampler.sample(logits, [row(params)]).token_ids[0] for _ in range(8)]
+    assert [sampler.sample(logits, [row(params)]).token_ids[0] for _ in range(8)] != first  # same stream goes on
+    sampler.release(["r#0"])
+    assert [sampler.sample(logits, [row(params)]).token_ids[0] for _ in range(8)] == first

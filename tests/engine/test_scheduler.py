@@ -7,15 +7,14 @@ from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, SequenceStatus
 from server.engine.scheduler import Scheduler
-from server.engine.types import FinishReason, QueueFullError, SamplingParams
+from server.engine.types import FinishReason, QueueFullError, SamplingParams, SlotCopy
 
 
-def make_scheduler(num_slots=4, buckets=(8, 16), max_model_len=64, **config):
-    copies = []
-    kv = KVCacheManager(num_slots, lambda src, dst, n: copies.append((src, dst, n)))
+def make_scheduler(num_slots=4, chunk_len=16, max_model_len=64, **config):
+    kv = KVCacheManager(num_slots)
     cfg = EngineConfig(max_num_seqs=num_slots, max_model_len=max_model_len,
-                       max_prefill_tokens_per_step=config.pop("budget", max(buckets)), **config)
-    return Scheduler(cfg, buckets, kv), kv, copies
+                       max_num_batched_tokens=config.pop("budget", 16), **config)
+    return Scheduler(cfg, kv, chunk_len), kv
 
 
 def make_request(rid, prompt_len, n=1):
@@ -39,7 +38,7 @@ def finish(sched, *seqs):
 
 
 def test_fcfs_admission_into_free_slots():
-    sched, kv, _ = make_scheduler(num_slots=2, budget=32)
+    sched, kv = make_scheduler(num_slots=2, budget=16)
     reqs = [make_request(f"r{i}", 4) for i in range(3)]
     for r in reqs:
         sched.add(r)
@@ -57,55 +56,57 @@ def test_fcfs_admission_into_free_slots():
 
 
 def test_queue_bound_raises_queue_full():
-    sched, _, _ = make_scheduler(max_num_queued_reqs=2)
+    sched, _ = make_scheduler(max_num_queued_reqs=2)
     sched.add(make_request("a", 4))
     sched.add(make_request("b", 4))
     with pytest.raises(QueueFullError):
         sched.add(make_request("c", 4))
 
 
-def test_long_prompt_is_chunked_at_the_largest_bucket():
-    sched, kv, _ = make_scheduler(buckets=(8, 16), budget=16)
+def test_long_prompt_is_cut_at_the_budget_then_chunked_at_chunk_len():
+    sched, kv = make_scheduler(chunk_len=8, budget=16)
     req = make_request("long", 40)
     sched.add(req)
-    chunks = []
-    for _ in range(3):
-        out = sched.schedule()
-        assert len(out.prefills) == 1
-        chunks.append(out.prefills[0])
-    assert [(c.start_pos, len(c.token_ids), c.is_last) for c in chunks] == [
-        (0, 16, False), (16, 16, False), (32, 8, True)]
+    steps = [[(c.start_pos, len(c.token_ids), c.is_last) for c in sched.schedule().prefills] for _ in range(3)]
+    assert steps == [[(0, 16, False)], [(16, 8, False), (24, 8, False)], [(32, 8, True)]]
     assert req.seqs[0].status is SequenceStatus.RUNNING and kv.num_decoding == 1
 
 
-@pytest.mark.parametrize("budget, short_fits", [(56, True), (48, False)])
-def test_budget_allows_several_chunks_when_nothing_decodes(budget, short_fits):
-    sched, _, _ = make_scheduler(buckets=(8, 16), budget=budget)
-    sched.add(make_request("long", 40))
-    sched.add(make_request("short", 3))
+def test_whole_prompts_are_packed_into_the_budget_and_only_the_first_is_ever_cut():
+    sched, _ = make_scheduler(num_slots=4, budget=16)
+    for rid, n in (("a", 5), ("b", 6), ("c", 7), ("d", 2)):
+        sched.add(make_request(rid, n))
     out = sched.schedule()
-    # 16 + 16 + 16 (the 8-token tail runs on the chunk graph of the largest bucket) = 48; the short
-    # prompt's bucket 8 fits in a budget of 56 and waits for the next step with 48
-    expected = [("long", 0), ("long", 16), ("long", 32)] + ([("short", 0)] if short_fits else [])
-    assert [(c.seq.request.request_id, c.start_pos) for c in out.prefills] == expected
+    # 5 + 6 fit; "c" (7) would need a cut, so it waits for the next step rather than split in two
+    assert [(c.seq.request.request_id, len(c.token_ids)) for c in out.prefills] == [("a", 5), ("b", 6)]
+    assert out.num_prefill_tokens <= 16 and sched.prefilling is None
+    sample_all(out)
+    out = sched.schedule()
+    assert [(c.seq.request.request_id, len(c.token_ids)) for c in out.prefills] == [("c", 7), ("d", 2)]
+    assert len(out.decode.seqs) == 2                   # decode runs every step alongside
 
 
-def test_one_prefill_chunk_per_step_while_decoding_and_decode_every_step():
-    sched, _, _ = make_scheduler(num_slots=4, buckets=(8, 16), budget=64)
+def test_oldest_prompt_advances_every_step_while_others_decode():
+    sched, _ = make_scheduler(num_slots=4, chunk_len=16, budget=8)
     first = make_request("first", 4)
     sched.add(first)
     sample_all(sched.schedule())
-    for i in range(3):
-        sched.add(make_request(f"w{i}", 4))
+    long = make_request("long", 20)
+    sched.add(long)
+    sched.add(make_request("short", 3))
+    starts = []
     for step in range(3):
         out = sched.schedule()
-        assert len(out.decode.seqs) == 1 + step      # everyone already decoding, every step
-        assert len(out.prefills) == 1                 # but only one new prefill joins
+        assert len(out.decode.seqs) >= 1                  # the running stream decodes every step
+        assert out.num_prefill_tokens <= 8                # behind at most one budget of prefill
+        assert out.prefills[0].seq.request is long or long.seqs[0].num_computed_tokens == 20
+        starts.append(out.prefills[0].start_pos)
         sample_all(out)
+    assert starts == [0, 8, 16]                           # 8 + 8 + 4: the oldest prompt always advanced
 
 
 def test_n_choices_admitted_together_and_forked_after_prefill():
-    sched, kv, _ = make_scheduler(num_slots=3)
+    sched, kv = make_scheduler(num_slots=3)
     sched.add(make_request("single", 4))
     sample_all(sched.schedule())
     sched.add(make_request("pair", 20, n=2))       # 2 chunks (16 + 4)
@@ -122,7 +123,7 @@ def test_n_choices_admitted_together_and_forked_after_prefill():
 
 
 def test_n_choices_wait_until_enough_slots_are_free():
-    sched, kv, _ = make_scheduler(num_slots=2)
+    sched, kv = make_scheduler(num_slots=2)
     sched.add(make_request("one", 4))
     sample_all(sched.schedule())
     sched.add(make_request("pair", 4, n=2))
@@ -130,12 +131,12 @@ def test_n_choices_wait_until_enough_slots_are_free():
     assert sched.num_waiting == 1
 
 
-def test_compaction_moves_last_decoder_and_the_prefilling_sequence():
-    sched, kv, copies = make_scheduler(num_slots=4, buckets=(8, 16), budget=16)
+def test_compaction_moves_last_decoder_and_the_prefilling_sequence_as_plan_copies():
+    sched, kv = make_scheduler(num_slots=4, budget=16)
     reqs = [make_request(f"d{i}", 5) for i in range(3)]
     for r in reqs:
         sched.add(r)
-    sample_all(sched.schedule())                     # 5+5+5 tokens: bucket 8 each, 2 fit in 16
+    sample_all(sched.schedule())                     # 5 + 5 fit in 16; the third waits (no cut)
     sample_all(sched.schedule())
     assert [s.request.request_id for s in kv.decoding()] == ["d0", "d1", "d2"]
     long = make_request("long", 40)
@@ -143,19 +144,20 @@ def test_compaction_moves_last_decoder_and_the_prefilling_sequence():
     out = sched.schedule()                           # decode 3 + first chunk of "long" at slot 3
     sample_all(out)
     assert long.seqs[0].slot == 3 and long.seqs[0].num_computed_tokens == 16
-    copies.clear()
     finish(sched, reqs[0].seqs[0])                   # hole at slot 0
     d2 = reqs[2].seqs[0]
-    assert copies == [(2, 0, d2.num_computed_tokens), (3, 2, 16)]
     assert d2.slot == 0 and long.seqs[0].slot == 2
     kv.check()
     out = sched.schedule()
+    # the moves reach the runner at the head of the next plan, in the order they must run
+    assert out.copies == [SlotCopy(2, 0, d2.num_computed_tokens - 1), SlotCopy(3, 2, 16)]
     assert [s.slot for s in out.decode.seqs] == [0, 1]
     assert out.prefills[0].slot == 2 and out.prefills[0].start_pos == 16
+    assert sched.schedule().copies == []
 
 
 def test_abort_while_prefilling_releases_slot_and_reservation():
-    sched, kv, _ = make_scheduler(num_slots=3, budget=16)
+    sched, kv = make_scheduler(num_slots=3, budget=16)
     req = make_request("pair", 40, n=2)
     sched.add(req)
     sched.schedule()
@@ -166,7 +168,7 @@ def test_abort_while_prefilling_releases_slot_and_reservation():
 
 
 def test_abort_waiting_request():
-    sched, _, _ = make_scheduler(num_slots=1)
+    sched, _ = make_scheduler(num_slots=1)
     a, b = make_request("a", 4), make_request("b", 4)
     sched.add(a)
     sched.add(b)
@@ -183,7 +185,8 @@ def test_config_validation_against_runner():
         EngineConfig(max_num_seqs=8).resolve(runner)
     with pytest.raises(ValueError, match="max_model_len"):
         EngineConfig(max_model_len=1000).resolve(runner)
-    with pytest.raises(ValueError, match="smallest context bucket"):
-        EngineConfig(max_prefill_tokens_per_step=4).resolve(runner)
+    assert EngineConfig().resolve(runner).max_num_batched_tokens == 16   # the largest bucket up to 512
+    with pytest.raises(ValueError, match="largest context bucket"):
+        EngineConfig(max_num_batched_tokens=17).resolve(runner)
     with pytest.raises(ValueError, match="max_num_queued_reqs"):
         EngineConfig(max_num_queued_reqs=0)

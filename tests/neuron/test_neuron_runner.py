@@ -19,7 +19,8 @@ from compile.model import ModelConfig
 from compile.neuron import toolchain
 from neuron import neuron_double
 from neuron.conftest import build_neuron
-from server.runner.artifact import NEURON_HINT, verify_artifact
+from server.runner.artifact import verify_artifact
+from server.runner.neuron_runner import NEURON_HINT
 from server.runner.cpu_runner import CpuRunner
 from server.runner.neuron_runner import NeuronRunner, claim_cores, count_cores
 

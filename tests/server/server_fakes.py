@@ -10,7 +10,7 @@ import asyncio
 from typing import Optional
 
 from server.engine.types import (CompletionOutput, FinishReason, QueueFullError, RequestOutput, SamplingParams,
-                                 TokenLogprob)
+                                 SamplingParamsError, TokenLogprob)
 
 WORDS = " alpha beta gamma delta epsilon zeta eta theta iota kappa"
 
@@ -29,10 +29,13 @@ class FakeEngine:
         self.hold = False                              # streams wait for release() before their first token
         self._gate: Optional[asyncio.Event] = None
         self.started = False
+        self.fail_start: Optional[Exception] = None    # raised by start()
         self.num_running = 0
         self.num_waiting = 0
 
     async def start(self) -> None:
+        if self.fail_start is not None:
+            raise self.fail_start
         self.started = True
 
     async def shutdown(self) -> None:
@@ -46,9 +49,8 @@ class FakeEngine:
             raise self.fail_add
         if self.queue_full:
             raise QueueFullError("the waiting queue is full (1 requests)")
-        params.validate()
         if params.n > self.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
+            raise SamplingParamsError("n", f"n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
         self.requests[request_id] = (list(prompt_token_ids), params)
         return self._stream(request_id, list(prompt_token_ids), params)
 

@@ -61,12 +61,9 @@ def test_second_signal_exits_at_once():
 
 
 def test_failed_startup_is_unhealthy_and_ends_the_server(smollm2_tokenizer):
-    def broken_warmup():
-        raise RuntimeError("graph mismatch")
-
     engine = FakeEngine(smollm2_tokenizer)
-    app = create_app(engine, smollm2_tokenizer, ModelInfo("m", 64, len(smollm2_tokenizer)), Metrics("m"),
-                     warmup=broken_warmup)
+    engine.fail_start = RuntimeError("graph mismatch")     # e.g. the warm-up failed: AsyncEngine.fail
+    app = create_app(engine, smollm2_tokenizer, ModelInfo("m", 64, len(smollm2_tokenizer)), Metrics("m"))
     with TestClient(app) as http:
         for _ in range(100):
             if app.state.server.startup_error:
