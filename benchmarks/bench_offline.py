@@ -63,7 +63,7 @@ def main() -> None:
     model = None if args.skip_hf else hf_model(args.checkpoint, dtype)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
-    # Both sides warmed up first: every bucket graph once (what the server does at start-up), and
+    # Both sides warmed up first: the runner as the server does at start-up, and
     # one short HF generate (its first call pays one-off costs too).
     runner.warmup()
     if model is not None:

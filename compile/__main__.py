@@ -23,12 +23,25 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
+def powers_of_two_up_to(limit: int, start: int = 1, midpoints: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
+    """start, 2*start, .. up to limit (included); plus 1.5x each power in [midpoints[0], midpoints[1])."""
     values, v = [], start
     while v < limit:
         values.append(v)
+        if midpoints[0] <= v < midpoints[1] and v * 3 // 2 < limit:
+            values.append(v * 3 // 2)
         v *= 2
     return tuple(values) + (limit,)
+
+
+# cpu defaults. NOTE: measured on the 2-core dev machine (SmolLM2, bf16), a decode step's attention reads
+# its whole KV span for every row, so at batch 32 a step at span 512 cost 112 ms against 78 ms at 384;
+# a 384 bucket and a batch-24 bucket keep the step near what its rows need. Neuron keeps powers of two
+# (every graph there is a neuronx-cc compile and HBM).
+CPU_MAX_NUM_SEQS = 32
+CPU_BATCH_MIDPOINTS = (16, 32)     # adds 24
+CPU_KV_MIDPOINTS = (256, 512)      # adds 384
+NEURON_MAX_NUM_SEQS = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--context-buckets", type=int_list, metavar="S1,S2,..",
                    help=f"prefill lengths (default {','.join(map(str, DEFAULT_CONTEXT_BUCKETS))}, capped at max-model-len)")
     c.add_argument("--batch-buckets", type=int_list, metavar="B1,B2,..",
-                   help="decode batch sizes (default powers of two up to max-num-seqs)")
+                   help="decode batch sizes (default powers of two up to max-num-seqs; on cpu also 24 "
+                        "when max-num-seqs is above 24)")
     c.add_argument("--kv-buckets", type=int_list, metavar="K1,K2,..",
-                   help="decode attention spans (default powers of two from 128 up to max-model-len)")
-    c.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots = largest decode batch (default 16)")
+                   help="decode attention spans (default powers of two from 128 up to max-model-len; on cpu "
+                        "also 384 when max-model-len is above 384)")
+    c.add_argument("--max-num-seqs", type=int, help=f"KV cache slots = largest decode batch (default "
+                   f"{CPU_MAX_NUM_SEQS} on cpu, {NEURON_MAX_NUM_SEQS} on neuron)")
     c.add_argument("--max-model-len", type=int, default=2048, help="positions per sequence (default 2048)")
     c.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
                    help="cpu target: graphs with fused projections prepacked for oneDNN (cpu-onednn), or plain "
@@ -70,15 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> CompileConfig:
-    max_len, max_seqs = args.max_model_len, args.max_num_seqs
+    cpu = args.target == "cpu"
+    max_len = args.max_model_len
+    max_seqs = args.max_num_seqs or (CPU_MAX_NUM_SEQS if cpu else NEURON_MAX_NUM_SEQS)
     # the defaults below max_len, plus max_len itself when it is within them (past 2048 a longer
     # prompt is prefilled in chunks of the largest bucket)
     context = args.context_buckets or (tuple(s for s in DEFAULT_CONTEXT_BUCKETS if s < max_len) + (
         (max_len,) if max_len <= DEFAULT_CONTEXT_BUCKETS[-1] else ()))
     return CompileConfig(
         checkpoint=args.checkpoint, target=args.target, dtype=args.dtype, context_buckets=context,
-        batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs),
-        kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len)),
+        batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs, midpoints=CPU_BATCH_MIDPOINTS if cpu else (0, 0)),
+        kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len),
+                                                          midpoints=CPU_KV_MIDPOINTS if cpu else (0, 0)),
         max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree,
         cpu_kernels=args.cpu_kernels, neuron_compile_workers=args.neuron_compile_workers)
 

