@@ -24,8 +24,7 @@ class Chunk:
     token_ids: list[int]
     start_pos: int = 0
     is_last: bool = True
-    forks: tuple = ()
-    fork_slots: tuple = ()
+    fork_slots: tuple[int, ...] = ()
 
     @property
     def end_pos(self) -> int:

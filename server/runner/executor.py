@@ -55,7 +55,7 @@ class PlanExecutor:
                         continue
                     for dst in chunk.fork_slots:
                         self.copy_slot(chunk.slot, dst, chunk.end_pos)
-                    logits.append(out.logits[row:row + 1].expand(1 + len(chunk.forks), -1))
+                    logits.append(out.logits[row:row + 1].expand(1 + len(chunk.fork_slots), -1))
         self.sampler.release(plan.released)
         if not plan.sampling_rows:
             return ExecuteOutput([], [], runs)

@@ -111,15 +111,11 @@ def test_execute_runs_copies_then_decode_then_prefill_then_forks(tiny_artifact):
     runner.clear_cache()
     runner.prefill(2, a)
 
-    class Seq:
-        def __init__(self, slot):
-            self.slot = slot
-
     rows = [SamplingRow(f"{n}#0", greedy, p, []) for n, p in (("a", a), ("b", b), ("b", b), ("c", c))]
     plan = SchedulerOutput(
         copies=[SlotCopy(2, 0, len(a))],
         decode=DecodeBatch(seqs=["a"], token_ids=[first_a], positions=[len(a)]),
-        prefills=[Chunk(1, b, forks=(Seq(3),), fork_slots=(3,)), Chunk(2, c)],
+        prefills=[Chunk(1, b, fork_slots=(3,)), Chunk(2, c)],
         sampling_rows=rows)
     result = runner.execute(plan)
     assert result.token_ids == [want_a, want_b, want_b, want_c]
