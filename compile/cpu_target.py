@@ -81,6 +81,22 @@ def export_graph(spec: GraphSpec, cfg: ModelConfig, weights: list[torch.Tensor],
     return program
 
 
+def keeps_full_weights(cfg) -> bool:
+    """The target-backend interface compile/export.py calls (compile/neuron_target.py is the other):
+    cpu graphs bind the stored HF weights, so the artifact keeps weights/model.safetensors."""
+    return True
+
+
+def write_weights(cfg, ckpt, tmp_dir: Path) -> list[str]:
+    """Weight files beyond weights/model.safetensors: none on cpu."""
+    return []
+
+
+def manifest_section(cfg) -> dict:
+    """The manifest's target section: none on cpu."""
+    return {}
+
+
 def compile_graph(spec: GraphSpec, compile_cfg, ckpt, weights: list[torch.Tensor], out_dir: Path,
                   variant: str = PORTABLE) -> str:
     """Export one bucket graph into out_dir; returns the file name.

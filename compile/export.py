@@ -106,9 +106,9 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             tensors = graph_weights(ckpt.config, ckpt.weights, variant)
         else:
             tensors = []  # neuron graphs carry no weights and are traced from the module tree
-        extra_weight_files = backend.write_weights(cfg, ckpt, tmp) if hasattr(backend, "write_weights") else []
+        extra_weight_files = backend.write_weights(cfg, ckpt, tmp)
         # NOTE: a tp > 1 neuron artifact stores only its per-rank shards (the weights once, not twice).
-        full_weights = [WEIGHTS_FILE] if getattr(backend, "keeps_full_weights", lambda c: True)(cfg) else []
+        full_weights = [WEIGHTS_FILE] if backend.keeps_full_weights(cfg) else []
         if full_weights:
             save_file(ckpt.weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         graphs, timings, rows = [], {}, []
@@ -131,7 +131,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             weights=[*full_weights, *extra_weight_files], files=list_files(tmp),
             source={"checkpoint": cfg.checkpoint, "sha256": source},
             versions=versions(cfg), compile_key=key, timings=timings,
-            neuron=backend.manifest_section(cfg) if hasattr(backend, "manifest_section") else {},
+            neuron=backend.manifest_section(cfg),
             graph_variant=variant)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         replace_dir(tmp, out)
