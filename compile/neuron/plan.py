@@ -5,6 +5,8 @@ weights, never torch-neuronx. Sizes come from compile.neuron.graphs.weight_shape
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from compile.buckets import GraphSpec, plan_graphs
@@ -80,20 +82,13 @@ def sharded(name: str) -> bool:
     return name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL + ROW_PARALLEL)
 
 
-def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def scratch_bytes(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig) -> int:
     """Activations of one call, per core, as float32: rows x (2 hidden + 2 intermediate/tp + heads/tp x
     span) + logits rows x vocab (a prefill keeps the last row's logits only); a slot copy holds three
     slot rows of each cache."""
     tp = cfg.tp_degree
     if spec.kind == "copy_slot":
-        row = numel(cache_shapes(model, 1, cfg.max_model_len, tp)[0]) * BYTES[cfg.dtype]
+        row = math.prod(cache_shapes(model, 1, cfg.max_model_len, tp)[0]) * BYTES[cfg.dtype]
         return 2 * 3 * row
     rows = spec.batch if spec.kind == "decode" else spec.seq_len
     logit_rows = spec.batch if spec.kind == "decode" else 1
@@ -114,9 +109,9 @@ def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
         shapes["lm_head.weight"] = (model.vocab_size, model.hidden_size)
     weights = 0
     for name, shape in shapes.items():
-        n = numel(shape)
+        n = math.prod(shape)
         weights += (4 if name == "rope.inv_freq" else size) * (n // tp if tp > 1 and sharded(name) else n)
-    kv = sum(numel(shape) for shape in cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp))
+    kv = sum(math.prod(shape) for shape in cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp))
     graphs = tuple(GraphAllowance(s.name, NEFF_ALLOWANCE_BYTES, scratch_bytes(s, cfg, model)) for s in tags(cfg))
     return HbmEstimate(weights, kv * size, graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
 

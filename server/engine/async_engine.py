@@ -74,7 +74,6 @@ class AsyncEngine:
         self._error: Optional[BaseException] = None
         self._looping = threading.Event()   # run() has begun (or start-up failed: fail())
         self._active = False                # run() is executing
-        self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -85,8 +84,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         if self._own_thread:
-            self._thread = threading.Thread(target=self.run, name="kiln-engine-loop", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self.run, name="kiln-engine-loop", daemon=True).start()
         while not self._looping.is_set():
             await asyncio.sleep(0.02)
         if self._error is not None:

@@ -33,7 +33,6 @@ class KVCacheManager:
         self.num_decoding = 0
         self.num_used = 0
         self.num_reserved = 0
-        self.num_copies = 0          # compaction copies recorded
 
     @property
     def num_free(self) -> int:
@@ -111,7 +110,6 @@ class KVCacheManager:
         src = seq.slot
         if seq.num_computed_tokens > 0:
             self._pending_copies.append(SlotCopy(src, dst, seq.num_computed_tokens))
-            self.num_copies += 1
         self._owners[dst] = seq
         self._owners[src] = None
         seq.slot = dst

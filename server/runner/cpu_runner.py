@@ -42,7 +42,7 @@ class CpuRunner(BucketedRunner):
         stored = load_file(str(path / manifest.weights[0]))
         self.weights = graph_weights(self.model, stored, manifest.graph_variant)
         del stored  # CPU_ONEDNN keeps packed copies; the plain ones they came from are freed
-        self.graphs = {GraphSpec.from_dict(g): load_graph(path / g["file"]) for g in manifest.graphs}
+        self.graphs = {spec: load_graph(path / g["file"]) for spec, g in zip(self.specs, manifest.graphs)}
         self.packed = sorted(self.of_kind("prefill_packed"), key=lambda s: s.seq_len)
         m = self.model
         # [L, slots, kv_heads, max_len, head_dim] for both: see compile/model.py

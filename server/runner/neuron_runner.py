@@ -155,6 +155,5 @@ class NeuronRunner(BucketedRunner):
                 self.graphs.copy_slot(src, dst, length)
 
     def warmup(self) -> None:
-        for spec in self.specs:
-            self.warmup_calls(spec)
+        super().warmup()                          # every bucket tag
         self.copy_slot(1 % self.num_slots, 0, 1)  # the copy tag too: nothing is first run while serving
