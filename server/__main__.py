@@ -58,7 +58,7 @@ def build_app(config: ServerConfig):
     loaded = load_artifact(artifact)
 
     from server.api.app import create_app
-    from server.api.serving import ModelInfo
+    from server.api.serving import ModelInfo, ServingOptions
     from server.engine.async_engine import AsyncEngine
     from server.engine.config import EngineConfig
     from server.metrics import Metrics
@@ -76,8 +76,11 @@ def build_app(config: ServerConfig):
                 "max_num_queued_reqs=%d)", name, artifact, loaded.manifest.target, loaded.manifest.dtype,
                 engine.config.max_num_seqs, engine.config.max_model_len, engine.config.max_num_batched_tokens,
                 engine.config.max_num_queued_reqs)
+    options = ServingOptions(strict_request_fields=config.strict_request_fields,
+                             enable_auto_tool_choice=config.enable_auto_tool_choice,
+                             tool_call_parser=config.tool_call_parser)
     app = create_app(engine, loaded.tokenizer, model, metrics, api_key=config.api_key,
-                     allowed_origins=config.allowed_origins)
+                     allowed_origins=config.allowed_origins, options=options, docs=not config.disable_fastapi_docs)
     return app, engine, loaded.runner
 
 

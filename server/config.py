@@ -53,6 +53,22 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _tool_parser(text: str) -> str:
+    from server.api.tool_parsers import TOOL_PARSERS
+    if text not in TOOL_PARSERS:
+        raise argparse.ArgumentTypeError(f"unknown tool-call parser {text!r}; known: {', '.join(TOOL_PARSERS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     artifact: Optional[Path] = None
@@ -67,6 +83,10 @@ class ServerConfig:
     drain_timeout: float = 30.0
     log_format: str = "text"
     cache_dir: Path = Path("~/.cache/kiln").expanduser()
+    enable_auto_tool_choice: bool = True
+    tool_call_parser: str = "hermes"
+    strict_request_fields: bool = False
+    disable_fastapi_docs: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -106,6 +126,17 @@ _FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
      "are aborted"),
     ("--log-format", str, "FORMAT", f"log lines as {' or '.join(LOG_FORMATS)}"),
     ("--cache-dir", _path, "DIR", "where the default model is compiled when no --artifact is given"),
+    ("--tool-call-parser", _tool_parser, "NAME", "how tool calls are read out of the output for tool_choice "
+     "'auto': hermes, llama3_json or pythonic (docs/tools.md)"),
+]
+
+# (flag, help): on/off switches, each also as --no-<flag>; defaults come from ServerConfig.
+_SWITCHES: list[tuple[str, str]] = [
+    ("--enable-auto-tool-choice", "serve tool_choice 'auto' (the model decides; --tool-call-parser reads "
+     "its calls); 'required' and named functions work either way"),
+    ("--strict-request-fields", "answer 400 to unknown request fields (OpenAI's behaviour) instead of "
+     "ignoring them with a logged warning (vLLM's)"),
+    ("--disable-fastapi-docs", "do not serve /docs, /redoc and /openapi.json"),
 ]
 
 
@@ -135,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices = LOG_FORMATS if field == "log_format" else None
         parser.add_argument(flag, type=kind, metavar=metavar if choices is None else None, choices=choices,
                             default=None, help=help_text + extra)
+    for flag, help_text in _SWITCHES:
+        default = defaults[flag.lstrip("-").replace("-", "_")].default
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{help_text} [env {env_name(flag)}; default {'on' if default else 'off'}]")
     return parser
 
 
@@ -145,7 +180,8 @@ def config_from_args(argv: Optional[list[str]] = None, environ: Optional[Mapping
     environ = os.environ if environ is None else environ
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
-    for flag, kind, _, _ in _FLAGS:
+    flags = [(flag, kind) for flag, kind, _, _ in _FLAGS] + [(flag, _bool) for flag, _ in _SWITCHES]
+    for flag, kind in flags:
         field = flag.lstrip("-").replace("-", "_")
         value = getattr(args, field)
         name = env_name(flag)

@@ -18,6 +18,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
                            20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+MASK_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 GRAPH_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
                          1.28, 2.56, 5.12, 10.24)
 
@@ -73,6 +74,15 @@ class Metrics:
         self.num_requests_rejected = counter(
             "num_requests_rejected", "Requests refused before admission: queue_full (429) or draining (503).",
             ["reason"])
+        self.structured_output_requests = counter(
+            "structured_output_requests", "Requests under a structured-output constraint, by kind "
+            "(json, json_object, regex, choice, grammar; tool_choice required/named count as json).", ["kind"])
+        self.grammar_compile_seconds = histogram(
+            "grammar_compile_seconds", "Compiling one structured-output constraint (cache misses only).",
+            MASK_SECONDS_BUCKETS, ["kind"])
+        self.structured_output_mask_seconds = histogram(
+            "structured_output_mask_seconds", "Computing the token masks of one step's constrained rows.",
+            MASK_SECONDS_BUCKETS)
         self._real = 0
         self._padded = 0
 
@@ -91,6 +101,14 @@ class Metrics:
             self._padded += run.num_padded_tokens
         if self._real + self._padded:
             self.padding_waste_ratio.labels(name).set(self._padded / (self._real + self._padded))
+        if stats.mask_seconds is not None:
+            self.structured_output_mask_seconds.labels(name).observe(stats.mask_seconds)
+
+    def observe_grammar_compile(self, kind: str, seconds: float) -> None:
+        self.grammar_compile_seconds.labels(self.model_name, kind).observe(seconds)
+
+    def observe_structured_request(self, kind: str) -> None:
+        self.structured_output_requests.labels(self.model_name, kind).inc()
 
     def observe_engine(self, num_running: int, num_waiting: int) -> None:
         """Refresh the queue gauges from the engine itself (e.g. at scrape time, when idle)."""

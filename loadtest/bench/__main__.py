@@ -13,15 +13,19 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from loadtest.bench.config import (
     BenchConfig, Target, normalize_base_url, parse_concurrency, parse_goodput, parse_rates, parse_target,
 )
+from loadtest.bench.cost import DEFAULT_PRICES, resolve_price
 from loadtest.bench.dataset import load_tokenizer, sample_random_requests
+from loadtest.bench.metrics import RequestRecord
 from loadtest.bench.report import format_result, markdown_report, safe_name, write_json
 from loadtest.bench.runner import BenchError, run_target
+from loadtest.bench.vllm_result import VLLM_VERSION, vllm_result, write_vllm_result
 
 DEFAULT_CONCURRENCY = "1,4,16,32"
 
@@ -53,7 +57,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer folder: make prompts exactly --input-len tokens")
     p.add_argument("--no-warmup", action="store_true", help="skip the initial test request")
     p.add_argument("--result-dir", type=Path, default=None, help="write JSON, PNG plots and a markdown table here")
-    p.add_argument("--save-detailed", action="store_true", help="keep per-request timings in the JSON")
+    p.add_argument("--save-detailed", action="store_true",
+                   help="keep per-request timings in the JSON (and the generated texts in the vLLM-format file)")
+    p.add_argument("--no-vllm-result", action="store_true",
+                   help=f"with --result-dir, do not also write one `vllm bench serve --save-result` JSON "
+                        f"(vLLM {VLLM_VERSION}'s keys and file name) per sweep point")
+    p.add_argument("--instance-type", metavar="NAME",
+                   help=f"price the run: adds $ per million output and input tokens at the measured throughput, "
+                        f"from the hourly price of NAME in the price table ({DEFAULT_PRICES.name}: us-east-1 "
+                        f"On-Demand; e.g. inf2.xlarge, trn1.2xlarge, c7i.xlarge)")
+    p.add_argument("--cost-per-hour", type=float, metavar="USD",
+                   help="hourly price in USD to use instead of the table's (with or without --instance-type)")
+    p.add_argument("--prices", type=Path, metavar="FILE",
+                   help=f"price table to use instead of loadtest/bench/{DEFAULT_PRICES.name} (same JSON shape)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +99,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         goodput_ms=parse_goodput(args.goodput), percentiles=_percentiles(args.metric_percentiles),
         timeout_s=args.timeout, api_key=args.api_key, extra_body=_extra_body(args.extra_body),
         tokenizer=args.tokenizer, warmup=not args.no_warmup, result_dir=args.result_dir,
-        save_detailed=args.save_detailed,
+        save_detailed=args.save_detailed, write_vllm=not args.no_vllm_result,
+        price=resolve_price(args.instance_type, args.cost_per_hour, args.prices),
     )
 
 
@@ -104,10 +121,16 @@ async def bench(targets: list[Target], cfg: BenchConfig, compare: bool) -> dict[
     requests = sample_random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.range_ratio,
                                       cfg.seed, tokenizer)
     results: dict[str, list[dict[str, Any]]] = {}
+
+    def point_done(result: dict[str, Any], records: Sequence[RequestRecord]) -> None:
+        print(format_result(result, cfg.percentiles), flush=True)
+        if cfg.result_dir and cfg.write_vllm:
+            vres = vllm_result(result, records, cfg.percentiles, cfg.tokenizer, cfg.save_detailed)
+            print(f"wrote {write_vllm_result(vres, cfg.result_dir)} (vllm bench serve format)", flush=True)
+
     for target in targets:
         print(f"benchmarking {target.name} at {target.base_url} ...", flush=True)
-        results[target.name] = await run_target(
-            target, cfg, requests, on_point=lambda r: print(format_result(r, cfg.percentiles), flush=True))
+        results[target.name] = await run_target(target, cfg, requests, on_records=point_done)
         if cfg.result_dir:
             write_json(results[target.name], cfg.result_dir, target.name)
     if cfg.result_dir:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from loadtest.openai_api import ENDPOINT_PATHS, RequestTiming, StreamRecorder, timing_from_body
+from loadtest.openai_api import ENDPOINT_PATHS, RequestTiming, StreamRecorder, choice_text, timing_from_body
 
 
 def make_client(base_url: str, api_key: str | None, timeout_s: float, max_connections: int) -> httpx.AsyncClient:
@@ -38,26 +38,52 @@ async def discover_model(client: httpx.AsyncClient) -> str:
 
 async def send_request(client: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -> RequestTiming:
     """POST one completions/chat request, streamed when body['stream'], and time it."""
+    timing, _ = await send_request_text(client, endpoint, body, keep_text=False)
+    return timing
+
+
+async def send_request_text(
+    client: httpx.AsyncClient, endpoint: str, body: dict[str, Any], keep_text: bool = True
+) -> tuple[RequestTiming, str | None]:
+    """send_request, also returning the generated text when keep_text (else None)."""
     path = ENDPOINT_PATHS[endpoint]
     start = time.perf_counter()
     try:
         if body.get("stream"):
-            recorder = StreamRecorder(start)
+            recorder = _TextRecorder(start) if keep_text else StreamRecorder(start)
             async with client.stream("POST", path, json=body) as resp:
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")
-                    return _http_error(resp.status_code, text, start)
+                    return _http_error(resp.status_code, text, start), None
                 async for line in resp.aiter_lines():
                     recorder.feed_line(line, time.perf_counter())
-            return recorder.finish(time.perf_counter())
+            timing = recorder.finish(time.perf_counter())
+            return timing, "".join(recorder.parts) if isinstance(recorder, _TextRecorder) else None
         resp = await client.post(path, json=body)
         now = time.perf_counter()
         if resp.status_code != 200:
-            return _http_error(resp.status_code, resp.text, start)
-        return timing_from_body(resp.json(), start, now)
+            return _http_error(resp.status_code, resp.text, start), None
+        obj = resp.json()
+        timing = timing_from_body(obj, start, now)
+        return timing, (choice_text(obj) if keep_text and timing.ok else None)
     except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as e:
         message = str(e) or type(e).__name__
-        return RequestTiming(ok=False, error=f"{type(e).__name__}: {message}", latency=time.perf_counter() - start)
+        error = RequestTiming(ok=False, error=f"{type(e).__name__}: {message}", latency=time.perf_counter() - start)
+        return error, None
+
+
+class _TextRecorder(StreamRecorder):
+    """A StreamRecorder that also keeps the text (parses a chunk twice, only when it had text)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.parts: list[str] = []
+
+    def _on_data(self, data: str, now: float) -> None:
+        before = len(self.timing.token_times)
+        super()._on_data(data, now)
+        if len(self.timing.token_times) != before:
+            self.parts.append(choice_text(json.loads(data)))
 
 
 def _http_error(status: int, text: str, start: float) -> RequestTiming:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench.cost import Price
+
 SLO_METRICS = ("ttft", "tpot", "e2el")
 
 
@@ -51,6 +53,8 @@ class BenchConfig:
     warmup: bool = True
     result_dir: Path | None = None
     save_detailed: bool = False
+    price: Price | None = None  # hourly instance price: adds cost per million tokens to results
+    write_vllm: bool = True  # with result_dir: also one `vllm bench serve --save-result` file per point
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):

@@ -23,12 +23,18 @@ LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 
 @dataclass
 class RequestRecord:
-    """One request of a run: its timing, when it was sent (seconds after the run began), its intent."""
+    """One request of a run: its timing, when it was sent (seconds after the run began), its intent.
+
+    queue_time: seconds it waited for the client's concurrency limit between being due and being
+    sent (vLLM's client_queue_time). text: the generated text, kept only with --save-detailed.
+    """
 
     timing: RequestTiming
     start_offset: float
     prompt_len: int
     output_len: int
+    queue_time: float = 0.0
+    text: str | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench.cost import currency_symbol
 from loadtest.bench.metrics import percentile_key
 from loadtest.openai_api import ENDPOINT_PATHS
 
@@ -54,6 +55,13 @@ def format_result(result: Mapping[str, Any], percentiles: Sequence[float]) -> st
     row("Peak output token throughput (tok/s):", result["peak_output_throughput"])
     row("Peak concurrent requests:", result["max_concurrent_requests"])
     row("Total token throughput (tok/s):", result["total_token_throughput"])
+    if "cost_per_hour" in result:
+        sym = currency_symbol(result["currency"])
+        lines.append(f"{'Cost at the measured throughput':-^60}")
+        lines.append(f"{result['instance_type'] or 'instance'} at {sym}{result['cost_per_hour']:g}/hour "
+                     f"({result['price_source']})")
+        row(f"Cost per 1M output tokens ({sym.strip()}):", _money(result["cost_per_million_output_tokens"]))
+        row(f"Cost per 1M input tokens ({sym.strip()}):", _money(result["cost_per_million_input_tokens"]))
     for metric, title in _TITLES.items():
         lines.append(f"{title:-^60}")
         name = metric.upper()
@@ -90,9 +98,13 @@ def safe_name(text: str) -> str:
 def markdown_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]], percentiles: Sequence[float]) -> str:
     """One row per (target, sweep point): throughput, median and tail latencies, failures."""
     tail = percentile_key(max(percentiles))
+    priced = [r for rs in results_by_target.values() for r in rs if "cost_per_hour" in r]
+    sym = currency_symbol(priced[0]["currency"]).strip() if priced else "$"
     header = ["target", "concurrency", "rate (req/s)", "ok", "failed", "req/s", "output tok/s", "total tok/s",
               "goodput (req/s)", "TTFT p50 (ms)", f"TTFT {tail}", "TPOT p50 (ms)", f"TPOT {tail}",
               "ITL p50 (ms)", f"ITL {tail}", "E2EL p50 (ms)", f"E2EL {tail}"]
+    if priced:
+        header += ["instance", f"{sym}/hour", f"{sym}/1M output tok", f"{sym}/1M input tok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, results in results_by_target.items():
         for r in results:
@@ -101,6 +113,10 @@ def markdown_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]],
                      r["request_goodput"]]
             for metric in ("ttft", "tpot", "itl", "e2el"):
                 cells += [r[f"median_{metric}_ms"], r[f"{tail}_{metric}_ms"]]
+            if priced:
+                hourly = f"{r['cost_per_hour']:g}" if "cost_per_hour" in r else "n/a"
+                cells += [r.get("instance_type") or "-", hourly, _money(r.get("cost_per_million_output_tokens")),
+                          _money(r.get("cost_per_million_input_tokens"))]
             lines.append("| " + " | ".join(_fmt(c, 1) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -119,6 +135,7 @@ def markdown_report(
             f"{first['output_len']} tokens (range ratio {first['range_ratio']}), ignore_eos {first['ignore_eos']}, "
             f"temperature {first['temperature']}, seed {first['seed']}",
             f"- goodput SLOs (ms): {first['goodput_slos_ms'] or 'none'}",
+            *_price_lines(results_by_target),
             "- targets: " + ", ".join(
                 f"{k} = {v[0]['base_url']} ({v[0]['model']})" for k, v in results_by_target.items() if v),
             "",
@@ -126,3 +143,22 @@ def markdown_report(
     lines += [markdown_table(results_by_target, percentiles), ""]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
     return "\n".join(lines) + "\n"
+
+
+def _money(value: float | None) -> str:
+    """Costs per million tokens span $0.001 to $1000: four significant digits."""
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _price_lines(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The markdown page's note on the cost columns (none when the run was not priced)."""
+    prices = {(r.get("instance_type"), r["cost_per_hour"], r["currency"], r["price_source"])
+              for rs in results_by_target.values() for r in rs if "cost_per_hour" in r}
+    if not prices:
+        return []
+    lines = ["- cost: " + "; ".join(f"{name or 'instance'} at {currency_symbol(cur)}{cost:g}/hour ({source})"
+                                    for name, cost, cur, source in sorted(prices, key=str))]
+    lines.append("  - per 1M output tokens = cost per hour / (output tok/s x 3600) x 1e6; per 1M input tokens the "
+                 "same with input tok/s over the same duration. Each charges the whole hour to one kind of "
+                 "token: the two do not add up.")
+    return lines

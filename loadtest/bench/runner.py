@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 
-from loadtest.bench.client import discover_model, make_client, send_request
+from loadtest.bench.client import discover_model, make_client, send_request, send_request_text
 from loadtest.bench.config import BenchConfig, SweepPoint, Target
+from loadtest.bench.cost import cost_fields
 from loadtest.bench.dataset import BenchRequest
 from loadtest.bench.metrics import RequestRecord, compute_metrics
 from loadtest.openai_api import build_body
@@ -57,19 +58,20 @@ async def run_point(
     limit = asyncio.Semaphore(point.concurrency) if point.concurrency else None
     in_flight = peak = 0
 
-    async def one(req: BenchRequest, start: float) -> RequestRecord:
+    async def one(req: BenchRequest, start: float, due: float) -> RequestRecord:
         nonlocal in_flight, peak
         async with limit if limit else contextlib.nullcontext():
             in_flight += 1
             peak = max(peak, in_flight)
-            sent = time.perf_counter() - start
-            timing = await send_request(client, cfg.endpoint, _body(cfg, model, req))
+            now = time.perf_counter()
+            timing, text = await send_request_text(client, cfg.endpoint, _body(cfg, model, req),
+                                                   keep_text=cfg.save_detailed)
             in_flight -= 1
-            return RequestRecord(timing, sent, req.prompt_len, req.output_len)
+            return RequestRecord(timing, now - start, req.prompt_len, req.output_len, queue_time=now - due, text=text)
 
     offsets = arrival_offsets(len(requests), point.request_rate, cfg.burstiness, cfg.seed)
     start = time.perf_counter()
-    tasks = [asyncio.create_task(one(requests[i], start)) async for i in _due(offsets, start)]
+    tasks = [asyncio.create_task(one(requests[i], start, time.perf_counter())) async for i in _due(offsets, start)]
     records = await asyncio.gather(*tasks)
     return list(records), time.perf_counter() - start, peak
 
@@ -86,8 +88,12 @@ async def run_target(
     cfg: BenchConfig,
     requests: Sequence[BenchRequest],
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    on_records: Callable[[dict[str, Any], Sequence[RequestRecord]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every sweep point against one target, in order; one result dict per point."""
+    """Every sweep point against one target, in order; one result dict per point.
+
+    on_point(result) and then on_records(result, records) are called as each point finishes.
+    """
     widest = max((p.concurrency or len(requests) for p in cfg.points), default=1)
     async with make_client(target.base_url, cfg.api_key, cfg.timeout_s, max(widest, 1)) as client:
         try:
@@ -108,6 +114,8 @@ async def run_target(
             results.append(result)
             if on_point:
                 on_point(result)
+            if on_records:
+                on_records(result, records)
     return results
 
 
@@ -136,9 +144,11 @@ def _result(
         "goodput_slos_ms": dict(cfg.goodput_ms),
         **metrics,
     }
+    result.update(cost_fields(cfg.price, result))
     if cfg.save_detailed:
         result["requests"] = [
-            {"start_offset": r.start_offset, "prompt_len": r.prompt_len, "output_len": r.output_len,
+            {"start_offset": r.start_offset, "queue_time": r.queue_time, "prompt_len": r.prompt_len,
+             "output_len": r.output_len,
              **{k: v for k, v in asdict(r.timing).items() if k != "token_times"}}
             for r in records
         ]

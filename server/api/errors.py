@@ -93,9 +93,6 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     if kind == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}",
                            code="invalid_json")
-    if kind == "extra_forbidden":
-        return bad_request(f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unrecognized_argument")
     if kind == "missing" and param is None:
         return bad_request("A JSON request body is required.", code="invalid_json")
     if kind == "missing":

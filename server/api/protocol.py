@@ -1,18 +1,20 @@
 """OpenAI request models (pydantic) and their conversion to the engine's SamplingParams.
 
-Requests forbid unknown fields (OpenAI's own "Unrecognized request argument supplied"),
-so a typo never silently changes behaviour. Fields OpenAI defines that Kiln does not
-implement are declared and rejected with a clear 400 unless their value is harmless
-(e.g. `tools: []`, `response_format: {"type": "text"}`, `logit_bias: {}`). An explicit
+Unknown fields are kept (pydantic `extra="allow"`) and reported by `unknown_fields`: the server
+logs and ignores them, as vLLM does (clients written against vLLM send vendor extras), or, with
+--strict-request-fields, answers 400 naming the field (OpenAI's own "Unrecognized request
+argument supplied"). Fields OpenAI defines that Kiln does not implement are declared and
+rejected with a clear 400 unless their value is harmless (e.g. `functions: []`). An explicit
 null means "the default", as in OpenAI's API. Response shapes are at the end of the file.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from server.engine.types import SamplingParams
+from server.engine.types import SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
@@ -21,7 +23,7 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,6 +43,18 @@ class FieldError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Paths of the fields a request carried that no model declares (`messages[0].foo`)."""
+    found = [prefix + name for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, OpenAIBaseModel):
+                found += unknown_fields(item, f"{prefix}{name}{'' if i is None else f'[{i}]'}.")
+    return found
 
 
 def _unsupported(name: str, value: Any, harmless: bool) -> Any:
@@ -71,6 +85,47 @@ class StreamOptions(OpenAIBaseModel):
     include_obfuscation: Optional[bool] = None   # OpenAI-only padding; ignored
 
 
+def _schema_text(value: Union[str, dict[str, Any]], param: str) -> str:
+    """A JSON schema as compact text (the grammar cache's key). NOTE: keys keep their order: the
+    output lists properties in the schema's order, which is what the client asked for."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise FieldError(param, f"the schema is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise FieldError(param, "a JSON schema must be a JSON object")
+    return json.dumps(value, ensure_ascii=False)
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = "response"
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise FieldError("json_schema", "response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs` field: exactly one constraint."""
+
+    json_: Optional[Union[str, dict[str, Any]]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+
 class _GenerationRequest(OpenAIBaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -94,7 +149,16 @@ class _GenerationRequest(OpenAIBaseModel):
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
-    # OpenAI fields: harmless when empty, otherwise a 400
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None    # ignored: one backend (llguidance)
     logit_bias: Optional[dict[str, float]] = None
     service_tier: Optional[str] = None           # ignored
     store: Optional[bool] = None                 # ignored
@@ -110,8 +174,13 @@ class _GenerationRequest(OpenAIBaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _check_logit_bias(cls, v: Any) -> Any:
-        return _unsupported("logit_bias", v, harmless=not v)
+    def _check_logit_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return v
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> "_GenerationRequest":
@@ -125,14 +194,58 @@ class _GenerationRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def structured_spec(self) -> Optional[tuple[str, StructuredOutputsParams]]:
+        """(the request field it came from, the constraint), or None: at most one may be given."""
+        specs: list[tuple[str, StructuredOutputsParams]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            specs.append(("response_format", StructuredOutputsParams(
+                json=_schema_text(fmt.json_schema.json_schema, "response_format"))))
+        elif fmt is not None and fmt.type == "json_object":
+            specs.append(("response_format", StructuredOutputsParams(json_object=True)))
+        so = self.structured_outputs
+        if so is not None:
+            given = {"json": so.json_ is not None, "regex": so.regex is not None,
+                     "choice": so.choice is not None, "grammar": so.grammar is not None,
+                     "json_object": bool(so.json_object)}
+            if sum(given.values()) != 1:
+                raise FieldError("structured_outputs", "structured_outputs takes exactly one of json, regex, "
+                                 "choice, grammar or json_object")
+            specs.append(("structured_outputs", self._spec("structured_outputs", so.json_, so.regex, so.choice,
+                                                           so.grammar, bool(so.json_object))))
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                kind = name.removeprefix("guided_")
+                specs.append((name, self._spec(name, **{f"{kind}_" if kind == "json" else kind: getattr(self, name)})))
+        if len(specs) > 1:
+            raise FieldError(specs[1][0], f"only one structured-output constraint may be given "
+                             f"({specs[0][0]} and {specs[1][0]} both are)", code="invalid_value")
+        return specs[0] if specs else None
+
+    @staticmethod
+    def _spec(param: str, json_: Any = None, regex: Optional[str] = None, choice: Optional[list[str]] = None,
+              grammar: Optional[str] = None, json_object: bool = False) -> StructuredOutputsParams:
+        if choice is not None and (not choice or not all(choice)):
+            raise FieldError(param, "choice must be a non-empty list of non-empty strings")
+        for value, what in ((regex, "regex"), (grammar, "grammar")):
+            if value is not None and not value.strip():
+                raise FieldError(param, f"the {what} must not be empty")
+        return StructuredOutputsParams(
+            json=None if json_ is None else _schema_text(json_, param), regex=regex,
+            choice=None if choice is None else tuple(choice), grammar=grammar, json_object=json_object)
+
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        spec = self.structured_spec()
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output)
+            logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            structured_outputs=spec[1] if spec else None, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -172,13 +285,46 @@ class TextContentPart(OpenAIBaseModel):
     text: str
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str = "{}"        # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    class Function(OpenAIBaseModel):
+        name: str
+
+    type: Literal["function"] = "function"
+    function: Function
+
+
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant turns that called tools
+    tool_call_id: Optional[str] = None           # role "tool": the call this answers
     refusal: Optional[str] = None                # harmless (echoed back assistant messages)
     annotations: Optional[list[Any]] = None      # harmless
-    tool_calls: Optional[list[Any]] = None       # tools are not supported
+    reasoning_content: Optional[str] = None      # vLLM's echoed reasoning: ignored
     function_call: Optional[Any] = None
     audio: Optional[Any] = None
 
@@ -193,15 +339,25 @@ class ChatMessage(OpenAIBaseModel):
                                      code="unsupported_parameter")
         return v
 
-    @field_validator("tool_calls", "function_call", "audio")
+    @field_validator("function_call", "audio")
     @classmethod
     def _check_unsupported(cls, v: Any, info) -> Any:
         return _unsupported(info.field_name, v, harmless=not v)
 
     @model_validator(mode="after")
     def _check_content(self) -> "ChatMessage":
-        if self.content is None:
-            raise FieldError("content", "content is required")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise FieldError("content", "content is required (an assistant message may give tool_calls instead)")
+        if self.tool_calls and self.role != "assistant":
+            raise FieldError("tool_calls", "only assistant messages carry tool_calls")
+        for call in self.tool_calls or ():
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise FieldError("tool_calls", f"the arguments of tool call {call.function.name!r} "
+                                 "must be a JSON object")
         return self
 
     def text(self) -> str:
@@ -209,51 +365,63 @@ class ChatMessage(OpenAIBaseModel):
             return self.content
         return "\n".join(part.text for part in self.content or [])
 
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it ('developer' is OpenAI's new 'system'; tool call
+        arguments as objects, as transformers' templates take them)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True           # vLLM extras
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     # OpenAI fields Kiln does not implement: harmless values only
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
-    response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     audio: Optional[Any] = None
     prediction: Optional[Any] = None
     reasoning_effort: Optional[str] = None
     web_search_options: Optional[Any] = None
 
-    @field_validator("tools", "functions", "function_call", "audio", "prediction",
-                     "reasoning_effort", "web_search_options")
+    @field_validator("functions", "function_call", "audio", "prediction", "reasoning_effort", "web_search_options")
     @classmethod
     def _check_unsupported(cls, v: Any, info) -> Any:
         return _unsupported(info.field_name, v, harmless=not v)
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, v: Any) -> Any:
-        return _unsupported("tool_choice", v, harmless=v in (None, "none"))
-
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, v: Any) -> Any:
-        if v and v.get("type") != "text":
-            raise FieldError(None, f"response_format type {v.get('type')!r} is not supported (only 'text')",
-                             code="unsupported_parameter")
-        return v
 
     @field_validator("modalities")
     @classmethod
     def _check_modalities(cls, v: Any) -> Any:
         return _unsupported("modalities", v, harmless=v is None or set(v) <= {"text"})
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        reserved = {"messages", "tools", "tokenize", "add_generation_prompt", "continue_final_message",
+                    "chat_template", "return_dict", "return_tensors"} & set(v or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(sorted(reserved))} "
+                             "(they are request fields of their own)")
+        return v
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
@@ -264,14 +432,40 @@ class ChatCompletionRequest(_GenerationRequest):
                              "add_generation_prompt and continue_final_message cannot both be true")
         return self
 
+    @model_validator(mode="after")
+    def _check_tools(self) -> "ChatCompletionRequest":
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise FieldError("tools", "tool function names must be unique")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise FieldError("tool_choice", "tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise FieldError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not "
+                             f"among the tools ({', '.join(names)})")
+        if self.effective_tool_choice in ("required", "named") and self.structured_spec() is not None:
+            raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with "
+                             "response_format or another structured-output constraint")
+        return self
+
+    @property
+    def effective_tool_choice(self) -> str:
+        """'none', 'auto', 'required' or 'named' (OpenAI: 'auto' when tools are given, else 'none')."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or ("auto" if self.tools else "none")
+
     def to_sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them ('developer' is OpenAI's new 'system')."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_dict() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as transformers' apply_chat_template takes them (OpenAI's JSON)."""
+        return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools or ()]
 
 
 class TokenizeRequest(OpenAIBaseModel):
@@ -284,6 +478,8 @@ class TokenizeRequest(OpenAIBaseModel):
     continue_final_message: bool = False
     add_special_tokens: Optional[bool] = None    # default: True for prompt, False for messages
     return_token_strs: bool = False
+    tools: Optional[list[Tool]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _check_one_form(self) -> "TokenizeRequest":
@@ -292,6 +488,8 @@ class TokenizeRequest(OpenAIBaseModel):
         return self
 
     template_messages = ChatCompletionRequest.template_messages
+    tool_dicts = ChatCompletionRequest.tool_dicts
+    _check_template_kwargs = ChatCompletionRequest._check_template_kwargs
 
 
 class DetokenizeRequest(OpenAIBaseModel):
@@ -345,9 +543,16 @@ class ChatLogProbs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -367,9 +572,30 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler):  # OpenAI sends only the fields a delta carries

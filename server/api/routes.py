@@ -95,9 +95,9 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 
 @router.post("/tokenize")
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> TokenizeResponse:
-    return await raw_request.app.state.tokenization.tokenize(request)
+    return await raw_request.app.state.tokenization.tokenize(request, raw_request)
 
 
 @router.post("/detokenize")
 async def detokenize(request: DetokenizeRequest, raw_request: Request) -> DetokenizeResponse:
-    return await raw_request.app.state.tokenization.detokenize(request)
+    return await raw_request.app.state.tokenization.detokenize(request, raw_request)

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -21,15 +21,20 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api import errors
+from server.api.chat_template import ChatRenderer
 from server.api.lifecycle import ServerState
-from server.api.protocol import UsageInfo
+from server.api.protocol import FieldError, UsageInfo, unknown_fields
+from server.api.tool_parsers import get_tool_parser
+from server.engine.structured import GrammarError
 from server.engine.types import (CompletionOutput, QueueFullError, RequestOutput, RequestTooLongError,
-                                 SamplingParams, SamplingParamsError, TokenLogprob)
+                                 SamplingParams, SamplingParamsError, StructuredOutputsParams, TokenLogprob)
 from server.metrics import Metrics
 
 LOG_SCOPE_KEY = "kiln.log"        # per-request dict of fields for the request's log line
 ARRIVAL_SCOPE_KEY = "kiln.arrival"  # time.monotonic() when the HTTP request arrived
 LONG_TEXT_CHARS = 8192            # tokenize longer texts off the event loop
+SSE_KEEPALIVE_SECONDS = 10.0      # a stream with nothing to send for this long gets ": ping"
+SSE_PING = ": ping\n\n"           # an SSE comment: clients skip it, TTFT timers do not count it
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,17 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile (and cache) a structured-output constraint; raises GrammarError. Thread-safe."""
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """API behaviour chosen at start-up (server/__main__.py flags)."""
+
+    strict_request_fields: bool = False      # unknown request fields: 400 (else logged and ignored)
+    enable_auto_tool_choice: bool = True     # tool_choice "auto": parse tool calls out of the output
+    tool_call_parser: str = "hermes"         # server/api/tool_parsers
 
 @dataclass
 class ModelInfo:
@@ -145,15 +161,40 @@ def sse(payload: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def _framed(chunks: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
+async def _framed(chunks: AsyncGenerator[str, None], generation: Generation) -> AsyncIterator[str]:
     """The stream has started (status 200 sent): a failure is reported in-band, then [DONE]."""
     try:
-        async for chunk in chunks:
+        async for chunk in _keepalive(chunks, SSE_KEEPALIVE_SECONDS):
             yield chunk
     except Exception:  # noqa: BLE001
         logger.exception("stream of %s failed", ",".join(generation.request_ids))
         yield sse(errors.internal_error().body())
     yield SSE_DONE
+
+
+async def _keepalive(chunks: AsyncGenerator[str, None], interval: float) -> AsyncIterator[str]:
+    """`chunks`, with SSE_PING whenever none came for `interval` seconds (a long prefill): proxies
+    keep the connection, while the first `data:` chunk still waits for the first token."""
+    pending: Optional[asyncio.Future] = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(chunks.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield SSE_PING
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await chunks.aclose()
 
 
 @dataclass
@@ -165,6 +206,7 @@ class ChoiceState:
     finish_reason: Optional[str] = None
     stop_reason: Optional[str | int] = None
     num_generated: int = 0
+    sent_role: bool = False     # streamed chat: the role goes with the choice's first chunk
 
     def add(self, out: CompletionOutput) -> None:
         self.text.append(out.text)
@@ -209,12 +251,38 @@ class OpenAIServing:
     """Shared by the completion, chat and tokenize handlers."""
 
     def __init__(self, engine: EngineClient, tokenizer: Any, model: ModelInfo, state: ServerState,
-                 metrics: Metrics):
+                 metrics: Metrics, options: ServingOptions = ServingOptions()):
         self.engine, self.tokenizer, self.model, self.state, self.metrics = (
             engine, tokenizer, model, state, metrics)
+        self.options = options
+        self.tool_parser = get_tool_parser(options.tool_call_parser) if options.enable_auto_tool_choice else None
+        self.chat_renderer = ChatRenderer(tokenizer, self.tool_parser or get_tool_parser(options.tool_call_parser))
         self._token_strs: dict[int, str] = {}
 
     # ---- checks ----
+    def check_fields(self, request: BaseModel, raw_request: Request) -> None:
+        """Unknown request fields: a 400 naming the first with --strict-request-fields, else a
+        warning in the log (vLLM's behaviour: clients send other servers' extras)."""
+        unknown = unknown_fields(request)
+        if not unknown:
+            return
+        if self.options.strict_request_fields:
+            raise errors.bad_request(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
+                                     code="unrecognized_argument")
+        raw_request.scope.setdefault(LOG_SCOPE_KEY, {})["ignored_fields"] = ",".join(unknown)
+        logger.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+
+    async def check_structured(self, params: SamplingParams, param: Optional[str]) -> None:
+        """Compile the request's constraint (off the event loop; cached), a 400 naming `param` if it
+        cannot be; counted in kiln:structured_output_requests."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.compile_grammar, spec)
+        except GrammarError as e:
+            raise errors.bad_request(str(e), param=param) from None
+        self.metrics.observe_structured_request(spec.kind)
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model.name:
             raise errors.model_not_found(model)
@@ -243,28 +311,19 @@ class OpenAIServing:
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
                 f"for the completion). Please reduce the prompt or max_tokens.", "max_tokens")
 
-    @staticmethod
-    def sampling_params(request: Any) -> SamplingParams:
+    def sampling_params(self, request: Any) -> SamplingParams:
         try:
-            return request.to_sampling_params()   # SamplingParams check themselves when made
+            params = request.to_sampling_params()   # SamplingParams check themselves when made
         except ValueError as e:
             raise _params_error(e) from None
+        self.check_token_ids([t for t, _ in params.logit_bias], "logit_bias")
+        return params
 
     # ---- tokenizer ----
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > LONG_TEXT_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise errors.bad_request("This model has no chat template; use /v1/completions.", param="messages")
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
-        except Exception as e:  # noqa: BLE001 - jinja2 errors and transformers' ValueErrors
-            raise errors.bad_request(f"Cannot apply the chat template: {e}", param="messages") from None
 
     def token_str(self, token_id: int) -> str:
         text = self._token_strs.get(token_id)
@@ -274,7 +333,7 @@ class OpenAIServing:
 
     # ---- responses ----
     async def respond(self, stream: bool, generation: Generation, tracker: RequestTracker,
-                      chunks: Callable[[], AsyncIterator[str]], collect: Callable[[], Awaitable[BaseModel]]) -> Response:
+                      chunks: Callable[[], AsyncGenerator[str, None]], collect: Callable[[], Awaitable[BaseModel]]) -> Response:
         """SSE of `chunks()` framed and ended by `data: [DONE]`, or the JSON of `collect()`.
         Either way, when it ends the Generation closes (aborting what runs) and the log line is filled."""
         def close() -> None:
@@ -310,7 +369,9 @@ class OpenAIServing:
 
 
 def _params_error(e: ValueError) -> errors.OpenAIError:
-    """A SamplingParams/engine ValueError as a 400, naming the field when the error does."""
+    """A SamplingParams/engine/request-model ValueError as a 400, naming the field when the error does."""
+    if isinstance(e, FieldError):
+        return errors.bad_request(str(e), param=e.param, code=e.code)
     return errors.bad_request(str(e), param=e.field if isinstance(e, SamplingParamsError) else None)
 
 

@@ -20,10 +20,13 @@ from server.engine.types import TokenLogprob
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
+        self.check_fields(request, raw_request)
         params = self.sampling_params(request)
         texts, prompts = await self._prompts(request)
         for ids in prompts:
             self.check_length(len(ids), params.max_tokens, "prompt")
+        spec = request.structured_spec()
+        await self.check_structured(params, spec[0] if spec else None)
         request_id = new_id("cmpl")
         tracker = RequestTracker(raw_request, sum(map(len, prompts)), params.n, request.stream)
         generation = self.start_generation(request_id, prompts, params)

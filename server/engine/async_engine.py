@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence as Seq
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineObserver, LLMEngine
 from server.engine.types import (EngineDeadError, QueueFullError, RequestOutput,
-                                 SamplingParams)
+                                 SamplingParams, StructuredOutputsParams)
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.5   # an idle loop rechecks keep_going() this often
@@ -116,6 +116,10 @@ class AsyncEngine:
         return self._num_waiting + len(self._new)
 
     # ---- requests -----------------------------------------------------------------------------
+    def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile (and cache) a structured-output constraint; raises GrammarError. Any thread."""
+        self.engine.structured.compile(spec)
+
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: SamplingParams) -> RequestStream:
         """Queue a request and return its stream. Raises at once: ValueError (bad params or

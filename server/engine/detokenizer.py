@@ -29,10 +29,12 @@ class Tokenizer(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
-                 params: SamplingParams, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams):
         self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        self._skip_special_tokens = params.skip_special_tokens
+        # NOTE: only slow (Python) tokenizers honour spaces_between_special_tokens; fast ones join
+        # special tokens without spaces whatever it says, so it is passed only when it differs.
+        self._decode_kwargs = {} if params.spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self._ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -80,9 +82,9 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         decode = self._tokenizer.decode
         skip = self._skip_special_tokens
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset],
-                             skip_special_tokens=skip)
-        full_text = decode(self._ids[self._prefix_offset:], skip_special_tokens=skip)
+        kwargs = self._decode_kwargs
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=skip, **kwargs)
+        full_text = decode(self._ids[self._prefix_offset:], skip_special_tokens=skip, **kwargs)
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

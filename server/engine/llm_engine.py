@@ -4,7 +4,8 @@ step() = apply aborts -> schedule -> runner.execute(plan) -> update, as in nano-
 the runner runs the plan's slot copies and graphs and samples behind its own interface (so a
 device can sample where the logits are), and returns token ids, logprobs and the bucket runs.
 The update appends each token, applies the stop rules (stop.py), frees finished slots and
-emits delta outputs, with StepStats/RequestStats for the observer. No torch here.
+emits delta outputs, with StepStats/RequestStats for the observer. Rows under a structured-output
+constraint get their token masks computed while the graphs run (structured.py). No torch here.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, Sequence
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import Scheduler
 from server.engine.stop import banned_token_ids, check_stop
+from server.engine.structured import StructuredOutputManager
 from server.engine.types import (BucketRun, ExecuteOutput, FinishReason, RequestOutput,
                                  RequestStats, RequestTooLongError, SamplingParams,
                                  SamplingParamsError, SamplingRow, StepStats)
@@ -29,6 +31,7 @@ class EngineObserver(Protocol):
     def observe_step(self, stats: StepStats) -> None: ...
     def observe_request(self, stats: RequestStats) -> None: ...
     def observe_token_gap(self, seconds: float) -> None: ...
+    def observe_grammar_compile(self, kind: str, seconds: float) -> None: ...
 
 
 def sequence_key(seq: Sequence) -> str:
@@ -45,6 +48,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(runner.eos_token_ids) or _tokenizer_eos(tokenizer)
         self.kv = KVCacheManager(self.config.max_num_seqs)
         self.scheduler = Scheduler(self.config, self.kv, runner.chunk_len)
+        self.structured = StructuredOutputManager(
+            tokenizer, runner.vocab_size, self.eos_token_ids,
+            on_compile=observer.observe_grammar_compile if observer is not None else None)
         self.last_step_stats: Optional[StepStats] = None
         self._requests: dict[str, Request] = {}
         self._pending_aborts: list[str] = []
@@ -66,6 +72,11 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_token_ids) + 1 > self.config.max_model_len:
             raise RequestTooLongError(len(prompt_token_ids), self.config.max_model_len)
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise SamplingParamsError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)   # GrammarError; cached after
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: SamplingParams) -> None:
@@ -76,6 +87,8 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
         for seq in request.seqs:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+            if params.structured_outputs is not None:
+                seq.grammar = self.structured.matcher(params.structured_outputs)
         self.scheduler.add(request)
         self._requests[request_id] = request
 
@@ -101,6 +114,7 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.monotonic()
+        mask_seconds: Optional[float] = None
         outputs = self._apply_aborts()
         plan = self.scheduler.schedule()
         runs: list[BucketRun] = []
@@ -109,11 +123,18 @@ class LLMEngine:
             plan.sampling_rows = [self._sampling_row(seq) for seq in seqs]
             plan.released, self._released = self._released, []
             plan.logprobs_mode = self.config.logprobs_mode
-            result: ExecuteOutput = self.runner.execute(plan)
+            plan.token_masks = masks = self.structured.start_masks([seq.grammar for seq in seqs])
+            try:
+                result: ExecuteOutput = self.runner.execute(plan)
+            finally:
+                if masks is not None:
+                    masks.result()        # the matchers advance only after the worker is done
             runs = result.runs
             outputs += self._update(seqs, result)
+            if masks is not None:
+                mask_seconds = masks.seconds
         if runs or outputs:
-            self._observe_step(runs, start)
+            self._observe_step(runs, start, mask_seconds)
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -169,12 +190,13 @@ class LLMEngine:
                 self.observer.observe_request(request.stats())
         return request.make_output(seqs)
 
-    def _observe_step(self, runs: list[BucketRun], start: float) -> None:
+    def _observe_step(self, runs: list[BucketRun], start: float, mask_seconds: Optional[float]) -> None:
         self.last_step_stats = StepStats(
             runs=runs, num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             num_slots_used=self.kv.num_used + self.kv.num_reserved,
-            num_slots_total=self.kv.num_slots, step_seconds=time.monotonic() - start)
+            num_slots_total=self.kv.num_slots, step_seconds=time.monotonic() - start,
+            mask_seconds=mask_seconds)
         if self.observer is not None:
             self.observer.observe_step(self.last_step_stats)
 

@@ -35,6 +35,7 @@ class Sequence:
         self.finish_reason: Optional[FinishReason] = None
         self.stop_reason: Optional[str | int] = None
         self.detokenizer: Any = None
+        self.grammar: Any = None     # structured outputs: llguidance's LLMatcher (structured.py)
         self.last_token_time: Optional[float] = None
         self.num_sent_tokens = 0     # output ids already handed out as deltas
 

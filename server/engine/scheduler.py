@@ -33,6 +33,7 @@ from typing import Optional, Sequence as Seq
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.request import Request, Sequence, SequenceStatus
+from server.engine.structured import TokenMasks
 from server.engine.types import QueueFullError, SamplingRow, SlotCopy
 
 
@@ -66,7 +67,8 @@ class SchedulerOutput:
     """One step for runner.execute. `sampling_rows` (filled by the engine) has one row per
     sequence that samples this step: the decode rows, then for each chunk that completes its
     prompt its sequence and its forks. `released` names sequences that finished since the last
-    step (the runner drops their sampler state)."""
+    step (the runner drops their sampler state). `token_masks`: the allowed tokens of the rows
+    under a structured-output constraint (structured.TokenMasks), applied before sampling."""
 
     copies: list[SlotCopy]
     decode: DecodeBatch
@@ -74,6 +76,7 @@ class SchedulerOutput:
     sampling_rows: list[SamplingRow] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     logprobs_mode: str = "raw"
+    token_masks: Optional[TokenMasks] = None
 
     @property
     def is_empty(self) -> bool:

@@ -45,6 +45,37 @@ class SamplingParamsError(ValueError):
         self.field = field
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on a request's output, as vLLM's `StructuredOutputsParams` names it: exactly
+    one of a JSON schema (as JSON text), any JSON object, a regular expression, a list of
+    choices, or a grammar (Lark, or GBNF as llama.cpp writes it). `whitespace_flexible`: JSON
+    may hold any whitespace (vLLM's default); off, JSON comes compact, which keeps a small model
+    from drifting into endless whitespace."""
+
+    json: Optional[str] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None
+    grammar: Optional[str] = None
+    whitespace_flexible: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", "give exactly one of json, json_object, regex, "
+                                      f"choice or grammar (got {', '.join(given) or 'none'})")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings (OpenAI fields plus vLLM's common extras)."""
@@ -65,6 +96,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None         # None: off; k >= 0: sampled token + top-k alternatives
     include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +124,8 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
+            ("logit_bias", all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "logit_bias maps non-negative token ids to biases in [-100, 100]"),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -192,6 +229,7 @@ class StepStats:
     num_slots_used: int
     num_slots_total: int
     step_seconds: float
+    mask_seconds: Optional[float] = None   # token masks of structured outputs (None: none this step)
 
     @property
     def padding_waste(self) -> float:

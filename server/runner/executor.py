@@ -59,5 +59,6 @@ class PlanExecutor:
         self.sampler.release(plan.released)
         if not plan.sampling_rows:
             return ExecuteOutput([], [], runs)
-        sampled = self.sampler.sample(torch.cat(logits), plan.sampling_rows, plan.logprobs_mode)
+        sampled = self.sampler.sample(torch.cat(logits), plan.sampling_rows, plan.logprobs_mode,
+                                      plan.token_masks)
         return ExecuteOutput(sampled.token_ids, sampled.logprobs, runs)

@@ -1,6 +1,8 @@
 """Logits -> one token per row, with each row's own SamplingParams (vLLM v1 semantics).
 
-Order, as in vLLM v1's Sampler: ban tokens (min_tokens masks eos and stop ids) -> penalties
+Order, as in vLLM v1 (the grammar bitmask in the model runner, the rest in its Sampler):
+structured-output rows keep only the tokens their grammar allows -> logit_bias -> ban tokens
+(min_tokens masks eos and stop ids, unless that would leave a grammar row nothing) -> penalties
 (repetition on prompt+output tokens; frequency and presence on output tokens) -> greedy rows
 take the argmax; random rows: / temperature -> min_p -> top_k/top_p -> softmax -> sample.
 
@@ -25,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from server.engine.config import LOGPROBS_MODES
+from server.engine.structured import TokenMasks, unpack_mask
 from server.engine.types import SamplingParams, SamplingRow, TokenLogprob
 
 SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
@@ -68,17 +71,20 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
-               logprobs_mode: str = "raw") -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], logprobs_mode: str = "raw",
+               token_masks: Optional[TokenMasks] = None) -> SamplerOutput:
         """logits: [len(rows), V]. Returns a token id (and logprobs when asked) per row."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
         logits = logits.to(torch.float32, copy=True)
+        if token_masks is not None:
+            _apply_token_masks(logits, token_masks)
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_logprobs = None
         if lp_rows and logprobs_mode == "raw":
             raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1)
+        _apply_logit_bias(logits, rows)
         _ban_tokens(logits, rows)
         _apply_penalties(logits, rows)
         tokens = torch.empty(len(rows), dtype=torch.long)
@@ -142,12 +148,31 @@ def _top_k(params: SamplingParams, vocab: int) -> int:
     return params.top_k if 0 < params.top_k < vocab else vocab
 
 
+def _apply_token_masks(logits: torch.Tensor, masks: TokenMasks) -> None:
+    """Rows under a grammar keep only the tokens it allows (the others become -inf)."""
+    allowed = torch.from_numpy(unpack_mask(masks.result(), logits.shape[1]))
+    rows = torch.tensor(masks.rows, dtype=torch.long)
+    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids, biases = zip(*row.params.logit_bias)
+            logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype)
+
+
 def _ban_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """min_tokens bans. NOTE: a grammar row whose grammar allows only banned tokens (it is complete
+    and wants eos) keeps them: the grammar is the stronger rule, as a request cannot be both."""
     vocab = logits.shape[1]
     for i, row in enumerate(rows):
         banned = [t for t in row.banned_token_ids if 0 <= t < vocab]
         if banned:
+            kept = logits[i].clone()
             logits[i, banned] = float("-inf")
+            if not bool(torch.isfinite(logits[i]).any()):
+                logits[i] = kept
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -67,6 +67,9 @@ class Observer:
     def observe_token_gap(self, seconds):
         assert seconds >= 0
 
+    def observe_grammar_compile(self, kind, seconds):
+        assert seconds >= 0
+
 
 def greedy_prefix(runner, prompt, length):
     tokens = list(prompt)

@@ -219,6 +219,9 @@ class RecordingObserver:
     def observe_token_gap(self, seconds):
         self.gaps.append(seconds)
 
+    def observe_grammar_compile(self, kind, seconds):
+        assert seconds >= 0
+
 
 def test_observer_gets_step_request_and_token_gap_accounting():
     observer = RecordingObserver()

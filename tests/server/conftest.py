@@ -14,3 +14,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 def smollm2_tokenizer(smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+
+
+@pytest.fixture
+def make_harness(smollm2_tokenizer):
+    """make(**kwargs) -> app_harness.Harness (closed at the end of the test)."""
+    from app_harness import Harness
+    made = []
+
+    def make(**kwargs):
+        made.append(Harness(smollm2_tokenizer, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()

@@ -2,7 +2,8 @@
 
 Choice i of a request emits one token per step from a fixed word list, chosen by the prompt,
 i and the step, so outputs are deterministic and differ between choices. `gate` (an asyncio
-Event created lazily on the server's loop) holds every stream before its first token.
+Event created lazily on the server's loop) holds every stream before its first token. `script`
+(text pieces) replaces the words: each choice emits one piece per step and stops after the last.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class FakeEngine:
         self.fail_start: Optional[Exception] = None    # raised by start()
         self.num_running = 0
         self.num_waiting = 0
+        self._structured = None
+        self.script: Optional[list[str]] = None       # every choice emits these text pieces, one per step
 
     async def start(self) -> None:
         if self.fail_start is not None:
@@ -57,6 +60,13 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    def compile_grammar(self, spec) -> None:
+        """The real compiler (so bad constraints get the real 400s); outputs are not constrained."""
+        if self._structured is None:
+            from server.engine.structured import StructuredOutputManager
+            self._structured = StructuredOutputManager(self.tokenizer, len(self.tokenizer), [self.tokenizer.eos_token_id])
+        self._structured.compile(spec)
+
     def release(self) -> None:
         self.hold = False
         if self._gate is not None:
@@ -73,6 +83,9 @@ class FakeEngine:
             self._gate = self._gate or asyncio.Event()
             await self._gate.wait()
         max_tokens = params.max_tokens or self.default_max_tokens
+        script = self.script
+        if script is not None:
+            max_tokens = min(max_tokens, len(script))
         self.num_running += 1
         try:
             for step in range(max_tokens):
@@ -89,8 +102,11 @@ class FakeEngine:
                         top = [(tok, -0.25), (self.word_ids[0], -1.5), (self.word_ids[1], -2.5)]
                         logprobs = [TokenLogprob(tok, -0.25, top[:params.logprobs])]
                     reason = (FinishReason.ABORT if aborted else FinishReason.LENGTH) if last else None
+                    if script is not None and last and not aborted and step == len(script) - 1:
+                        reason = FinishReason.STOP
+                    text = script[step] if script is not None else self.tokenizer.decode([tok])
                     outputs.append(CompletionOutput(
-                        index=i, text="" if aborted else self.tokenizer.decode([tok]),
+                        index=i, text="" if aborted else text,
                         token_ids=[] if aborted else [tok], logprobs=logprobs, finish_reason=reason,
                         num_generated_tokens=step + (0 if aborted else 1)))
                 yield RequestOutput(request_id, prompt, outputs, finished=last)

@@ -11,56 +11,13 @@ import logging
 import httpx
 import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from server.api.app import create_app
 from server.api.lifecycle import ServerState
-from server.api.serving import Generation, ModelInfo
+from server.api.serving import Generation, ServingOptions
 from server.engine.types import EngineDeadError, SamplingParams
-from server.metrics import Metrics
+from app_harness import MAX_MODEL_LEN, MODEL, Harness
 from server_fakes import FakeEngine
-from server_harness import Scrape, wait_until
-
-MODEL = "fake-model"
-MAX_MODEL_LEN = 64
-
-
-class Harness:
-    def __init__(self, tokenizer, **app_kwargs):
-        self.tokenizer = tokenizer
-        self.engine = FakeEngine(tokenizer)
-        self.metrics = Metrics(MODEL)
-        info = ModelInfo(name=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=len(tokenizer))
-        self.app = create_app(self.engine, tokenizer, info, self.metrics, **app_kwargs)
-        self.http = TestClient(self.app, raise_server_exceptions=False)
-        self.http.__enter__()
-        assert wait_until(lambda: self.http.get("/ready").status_code == 200, timeout=5)
-        self.api_key = app_kwargs.get("api_key") or "unused"
-        self.client = openai.OpenAI(base_url="http://testserver/v1", api_key=self.api_key,
-                                    http_client=self.http, max_retries=0)
-
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def close(self) -> None:
-        self.http.__exit__(None, None, None)
-
-
-@pytest.fixture
-def make_harness(smollm2_tokenizer):
-    made: list[Harness] = []
-
-    def make(**app_kwargs) -> Harness:
-        made.append(Harness(smollm2_tokenizer, **app_kwargs))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
+from server_harness import Scrape
 
 
 @pytest.fixture
@@ -150,13 +107,14 @@ def test_chat_completion_and_stream(h):
 
     stream = list(h.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, n=2, stream=True,
                                                     stream_options={"include_usage": True}))
-    first = stream[:2]
-    assert [(c.choices[0].index, c.choices[0].delta.role, c.choices[0].delta.content) for c in first] == [
-        (0, "assistant", ""), (1, "assistant", "")]
+    # each choice's first chunk carries the role together with its first token (vLLM's order):
+    # a chunk before the first token would make clients time TTFT at the request's acceptance
     content: dict[int, str] = {}
-    for chunk in stream[2:-1]:
+    for chunk in stream[:-1]:
         for c in chunk.choices:
-            content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+            assert (c.delta.role == "assistant") == (c.index not in content)
+            assert c.delta.content
+            content[c.index] = content.get(c.index, "") + c.delta.content
     assert content == {c.index: c.message.content for c in full.choices}
     assert stream[-1].usage == full.usage and stream[-1].choices == []
 
@@ -231,7 +189,22 @@ def test_explicit_nulls_mean_defaults(h):
     (_, params), = h.engine.requests.values()
     assert params.max_tokens == 16 and params.temperature == 1.0 and params.n == 1
     assert h.http.post("/v1/completions", json={"prompt": None}).json()["error"]["param"] == "prompt"
-    assert h.http.post("/v1/completions", json={"prompt": "x", "foo": None}).json()["error"]["param"] == "foo"
+
+
+def test_unknown_fields_are_ignored_with_a_warning_or_400_when_strict(make_harness, caplog):
+    h = make_harness()
+    body = {"prompt": "x", "max_tokens": 2, "foo": 1, "vendor_extra": {"a": 1}}
+    with caplog.at_level(logging.WARNING, logger="server.api.serving"):
+        assert h.http.post("/v1/completions", json=body).status_code == 200
+    assert "foo, vendor_extra" in caplog.text
+    chat = {"messages": [{"role": "user", "content": "x", "cache_control": {"type": "ephemeral"}}], "max_tokens": 1}
+    assert h.http.post("/v1/chat/completions", json=chat).status_code == 200
+    strict = make_harness(options=ServingOptions(strict_request_fields=True))
+    error = strict.http.post("/v1/completions", json=body).json()["error"]
+    assert (error["param"], error["code"]) == ("foo", "unrecognized_argument")
+    error = strict.http.post("/v1/chat/completions", json=chat).json()["error"]
+    assert error["param"] == "messages[0].cache_control"
+    assert not strict.engine.requests
 
 
 def test_harmless_openai_fields_are_accepted(h):
@@ -261,13 +234,19 @@ def test_unknown_model_is_404(h):
     (dict(n=5), "n"),                              # more choices than KV slots (engine's check)
     (dict(logprobs=21), "logprobs"),
     (dict(stop=[""]), "stop"),
-    (dict(extra_body={"foo": 1}), "foo"),
     (dict(extra_body={"top_k": -2}), "top_k"),
     (dict(extra_body={"min_tokens": 9}), "min_tokens"),
     (dict(echo=True, logprobs=1), "echo"),
     (dict(best_of=3), "best_of"),
     (dict(suffix="tail"), "suffix"),
-    (dict(logit_bias={"5": 1.0}), "logit_bias"),
+    (dict(logit_bias={"x": 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 101.0}), "logit_bias"),
+    (dict(logit_bias={"999999999": 1.0}), "logit_bias"),
+    (dict(extra_body={"guided_regex": "[a-"}), "guided_regex"),
+    (dict(extra_body={"guided_json": {"type": "object"}, "guided_regex": "a"}), "guided_regex"),
+    (dict(extra_body={"structured_outputs": {"json": {"type": "nope"}}}), "structured_outputs"),
+    (dict(extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}}), "response_format"),
 ])
 def test_invalid_completion_fields_are_400_naming_the_field(h, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -278,13 +257,21 @@ def test_invalid_completion_fields_are_400_naming_the_field(h, kwargs, param):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (dict(tool_choice="auto"), "tool_choice"),
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(tool_choice={"type": "function", "function": {"name": "g"}},
+          tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}] * 2), "tools"),
+    (dict(tool_choice="required", response_format={"type": "json_object"},
+          tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice"),
+    (dict(tool_choice="required", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "wrong"}}}}}]), "tools"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format.json_schema"),
     (dict(top_logprobs=2), "top_logprobs"),
-    (dict(extra_body={"echo": True}), "echo"),
-    (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
+        "name": "f", "arguments": "not json"}}]}]), "messages[0].tool_calls"),
+    (dict(messages=[{"role": "user", "content": "x", "tool_calls": [{"id": "1", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}]), "messages[0].tool_calls"),
+    (dict(extra_body={"chat_template_kwargs": {"tools": []}}), "chat_template_kwargs"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
      "messages[0].content"),
     (dict(messages=[]), "messages"),

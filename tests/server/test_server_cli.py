@@ -56,6 +56,8 @@ def test_every_flag_has_an_env_twin():
     ([], {"KILN_LOG_FORMAT": "xml"}),
     ([], {"KILN_PORT": "eighty"}),
     ([], {"KILN_ALLOWED_ORIGINS": "[1, 2]"}),
+    (["--tool-call-parser", "mistral"], {}),
+    ([], {"KILN_ENABLE_AUTO_TOOL_CHOICE": "maybe"}),
 ])
 def test_bad_values_exit_2_naming_the_flag(argv, env, capsys):
     with pytest.raises(SystemExit) as e:
@@ -63,6 +65,18 @@ def test_bad_values_exit_2_naming_the_flag(argv, env, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and (any(f in err for f in FLAGS) or any(k in err for k in env))
+
+
+def test_switches_and_their_env_twins():
+    assert config_from_args([], environ={}).enable_auto_tool_choice
+    off = config_from_args(["--no-enable-auto-tool-choice", "--strict-request-fields", "--tool-call-parser",
+                            "pythonic", "--disable-fastapi-docs"], environ={})
+    assert (off.enable_auto_tool_choice, off.strict_request_fields, off.tool_call_parser, off.disable_fastapi_docs) == (
+        False, True, "pythonic", True)
+    env = {"KILN_ENABLE_AUTO_TOOL_CHOICE": "false", "KILN_STRICT_REQUEST_FIELDS": "1", "KILN_TOOL_CALL_PARSER": "pythonic",
+           "KILN_DISABLE_FASTAPI_DOCS": "true"}
+    assert config_from_args([], environ=env) == off
+    assert config_from_args(["--enable-auto-tool-choice"], environ=env).enable_auto_tool_choice
 
 
 def test_help_reads_well():
