@@ -2,17 +2,20 @@
 
     python -m benchmarks.bench_structured --artifact ART [--batch 16] [--new-tokens 64]
 
-Runs --batch prompts through LLMEngine.generate three times, in the same process: all free, all
+Runs --batch prompts through LLMEngine.generate three ways, in the same process: all free, all
 under a JSON schema, and half and half. Each run keeps only the steps where every row decodes
-(a full decode batch), and reports the median step time (graph, mask wait and apply, sampling,
-bookkeeping: all of LLMEngine.step), the median time the grammar worker spent computing the
-step's masks (overlapped with the graph), and the ratio to the free run.
+(a full decode batch) and groups them by the decode graph that ran (its KV bucket: the step cost
+grows with it, and constrained rows finish sooner, at shorter lengths). For the buckets every kind
+reached, it reports the median step time (graph, mask wait and apply, sampling, bookkeeping: all
+of LLMEngine.step), the median time the grammar worker spent computing the step's masks
+(overlapped with the graph), and the ratio to the free run's step in the same bucket.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+from collections import defaultdict
 
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -30,15 +33,21 @@ PROMPT = "<|im_start|>user\nDescribe a film you like as JSON.<|im_end|>\n<|im_st
 class StepTimes:
     def __init__(self, batch: int):
         self.batch = batch
-        self.steps: list[float] = []
-        self.masks: list[float] = []
+        self.steps: dict[str, list[float]] = defaultdict(list)    # decode bucket -> step seconds
+        self.masks: dict[str, list[float]] = defaultdict(list)
 
     def observe_step(self, stats) -> None:
         decode = [r for r in stats.runs if r.kind == "decode"]
         if len(stats.runs) == 1 and decode and decode[0].num_real_tokens == self.batch:
-            self.steps.append(stats.step_seconds)
+            self.steps[decode[0].bucket].append(stats.step_seconds)
             if stats.mask_seconds is not None:
-                self.masks.append(stats.mask_seconds)
+                self.masks[decode[0].bucket].append(stats.mask_seconds)
+
+    def add(self, other: "StepTimes") -> None:
+        for bucket, values in other.steps.items():
+            self.steps[bucket] += values
+        for bucket, values in other.masks.items():
+            self.masks[bucket] += values
 
     def observe_request(self, stats) -> None:
         pass
@@ -74,18 +83,20 @@ def main() -> None:
     results: dict[str, StepTimes] = {k: StepTimes(args.batch) for k in kinds}
     for _ in range(args.repeats):
         for kind, constrained in kinds.items():
-            times = run(loaded, args.batch, constrained, args.new_tokens)
-            results[kind].steps += times.steps
-            results[kind].masks += times.masks
-    base = statistics.median(results["free"].steps)
+            results[kind].add(run(loaded, args.batch, constrained, args.new_tokens))
+    common = sorted(set.intersection(*(set(t.steps) for t in results.values())))
     print(f"batch {args.batch}, {args.new_tokens} new tokens, temperature 0.8, {args.repeats} runs each; "
-          f"steps where all {args.batch} rows decode")
-    print("| rows constrained | step ms (median) | mask compute ms (median, overlapped) | steps | vs free |")
-    print("|---|---|---|---|---|")
-    for kind, times in results.items():
-        step = statistics.median(times.steps)
-        mask = f"{statistics.median(times.masks) * 1e3:.2f}" if times.masks else "-"
-        print(f"| {kind} | {step * 1e3:.1f} | {mask} | {len(times.steps)} | {step / base:.3f}x |")
+          f"steps where all {args.batch} rows decode, by decode graph")
+    print("| decode graph | rows constrained | step ms (median) | mask compute ms (median, overlapped) | steps | vs free |")
+    print("|---|---|---|---|---|---|")
+    for bucket in common:
+        base = statistics.median(results["free"].steps[bucket])
+        for kind, times in results.items():
+            step = statistics.median(times.steps[bucket])
+            masks = times.masks.get(bucket)
+            mask = f"{statistics.median(masks) * 1e3:.2f}" if masks else "-"
+            print(f"| {bucket} | {kind} | {step * 1e3:.1f} | {mask} | {len(times.steps[bucket])} | "
+                  f"{step / base:.3f}x |")
 
 
 if __name__ == "__main__":
