@@ -67,7 +67,8 @@ def build_app(config: ServerConfig):
     try:
         engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_queued_reqs=config.max_num_queued_reqs,
                                      max_num_batched_tokens=config.max_num_batched_tokens)
-        engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics, own_thread=False)
+        engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics, own_thread=False,
+                             step_timeout=config.step_timeout or None)
     except ValueError as e:
         raise StartupError(f"{e} (artifact {artifact})") from None
     model = ModelInfo(name=name, max_model_len=engine.config.max_model_len, vocab_size=loaded.runner.vocab_size,

@@ -81,6 +81,7 @@ class ServerConfig:
     max_num_batched_tokens: Optional[int] = None  # None: EngineConfig's default
     allowed_origins: tuple[str, ...] = ("*",)
     drain_timeout: float = 30.0
+    step_timeout: float = 60.0                  # 0: no deadline
     log_format: str = "text"
     cache_dir: Path = Path("~/.cache/kiln").expanduser()
     enable_auto_tool_choice: bool = True
@@ -99,6 +100,8 @@ class ServerConfig:
             raise ConfigError(f"--max-num-queued-reqs must be at least 1, got {self.max_num_queued_reqs}")
         if self.drain_timeout < 0:
             raise ConfigError(f"--drain-timeout must be non-negative, got {self.drain_timeout}")
+        if self.step_timeout < 0:
+            raise ConfigError(f"--step-timeout must be non-negative, got {self.step_timeout}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.api_key == "":
@@ -124,6 +127,9 @@ _FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
     ("--allowed-origins", _origins, "ORIGINS", "CORS origins: '*', a comma-separated list or a JSON list"),
     ("--drain-timeout", float, "SECONDS", "on SIGTERM, how long requests in flight may run before they "
      "are aborted"),
+    ("--step-timeout", float, "SECONDS", "an engine step running longer than this declares the engine dead: live "
+     "requests fail and /health answers 503 so the pod is restarted (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); "
+     "0: no deadline"),
     ("--log-format", str, "FORMAT", f"log lines as {' or '.join(LOG_FORMATS)}"),
     ("--cache-dir", _path, "DIR", "where the default model is compiled when no --artifact is given"),
     ("--tool-call-parser", _tool_parser, "NAME", "how tool calls are read out of the output for tool_choice "

@@ -98,4 +98,4 @@ async def _engine_dead(request: Request, exc: EngineDeadError):
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return _respond(request, errors.OpenAIError(exc.status_code, str(exc.detail), headers=exc.headers))
+    return _respond(request, errors.from_http_exception(exc.status_code, exc.detail, exc.__cause__, exc.headers))

@@ -1,10 +1,12 @@
 """OpenAI error objects: `{"error": {"message", "type", "param", "code"}}`, one status each.
 
 Handlers call `raise OpenAIError(...)` (or a named helper); app.py turns it, pydantic's
-validation errors and anything unexpected into this shape. 500s never carry a stack trace.
+validation errors, bodies that do not parse and anything unexpected into this shape. 500s never
+carry a stack trace.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from fastapi.exceptions import RequestValidationError
@@ -35,8 +37,9 @@ class OpenAIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": _printable(self.message),
+                          "type": _TYPES.get(self.status, "invalid_request_error"),
+                          "param": _printable(self.param), "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -68,13 +71,42 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "Internal server error; see the server log.", code="internal_error")
 
 
+def _printable(text: Optional[str]) -> Optional[str]:
+    """A message or param that can be sent as UTF-8 JSON (a lone surrogate from the request shows as \\udcff)."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# The names pydantic gives the members of a union in an error's location ('str', 'list[str]',
+# "literal['none','auto']", 'function-after[...]', a model's class name): not fields.
+_UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|any|[a-z][a-z0-9_-]*\[.*\]|[A-Z][A-Za-z0-9]*)", re.S)
+
+
+def _strip_tags(loc: tuple) -> tuple:
+    return tuple(p for i, p in enumerate(loc)
+                 if not (i > 0 and isinstance(p, str) and _UNION_TAG.fullmatch(p)) and p != "body")
+
+
 def _param(loc: tuple) -> Optional[str]:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
+    parts = _strip_tags(loc)
     text = ""
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or None
+
+
+# pydantic's error types that OpenAI's API names with a code of its own
+_CODES = {"too_long": "array_above_max_length", "string_too_long": "string_above_max_length"}
+
+
+def _pick(errors: list[dict]) -> dict:
+    """The first error; where it is one of a union's alternatives, the alternative that got furthest
+    (for `content: [{"type": "text", "text": 5}]`, the part's text, not "content should be a string")."""
+    first = _strip_tags(tuple(errors[0].get("loc", ())))
+    same_field = [e for e in errors if _strip_tags(tuple(e.get("loc", ())))[:len(first)] == first]
+    return max(same_field, key=lambda e: len(_strip_tags(tuple(e.get("loc", ())))))
 
 
 def from_validation_error(exc: RequestValidationError) -> OpenAIError:
@@ -82,7 +114,7 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request body.")
-    err = errors[0]
+    err = _pick(errors)
     kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
     param = _param(tuple(err.get("loc", ())))
     cause = (err.get("ctx") or {}).get("error")
@@ -103,4 +135,21 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     if kind == "model_attributes_type":
         return bad_request(f"{param or 'Request body'} must be a JSON object.", param=param, code="invalid_type")
     msg = msg.removeprefix("Value error, ")
-    return bad_request(f"{param}: {msg}" if param and param not in msg else msg, param=param)
+    code = _CODES.get(kind, "invalid_value")
+    return bad_request(f"{param}: {msg}" if param and param not in msg else msg, param=param, code=code)
+
+
+def from_http_exception(status: int, detail: Any, cause: Optional[BaseException],
+                        headers: Optional[dict[str, str]] = None) -> OpenAIError:
+    """Starlette/FastAPI's HTTPException. FastAPI answers a body that its JSON parser raised on (other
+    than a plain syntax error) with a bare 400 "There was an error parsing the body"; the cause says
+    why: invalid UTF-8, nesting deeper than Python's recursion limit, an integer over 4300 digits."""
+    if status == 400 and isinstance(cause, (RecursionError, ValueError)):
+        if isinstance(cause, RecursionError):
+            reason = "it is nested too deeply"
+        elif isinstance(cause, UnicodeDecodeError):
+            reason = f"it is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+        else:
+            reason = _printable(str(cause)) or "it cannot be parsed"
+        return bad_request(f"Request body is not valid JSON: {reason}.", code="invalid_json")
+    return OpenAIError(status, str(detail), headers=headers)

@@ -6,11 +6,18 @@ logs and ignores them, as vLLM does (clients written against vLLM send vendor ex
 argument supplied"). Fields OpenAI defines that Kiln does not implement are declared and
 rejected with a clear 400 unless their value is harmless (e.g. `functions: []`). An explicit
 null means "the default", as in OpenAI's API. Response shapes are at the end of the file.
+
+Bad input is a 400 before any work: every request model first walks the raw JSON once
+(`check_json_input`): a string or key that is not valid Unicode (Python's json accepts lone
+surrogates such as "\\udcff"), a non-finite number (Python's json accepts NaN, Infinity and 1e999)
+or nesting deeper than MAX_JSON_DEPTH is a 400 naming its path, whatever the field (unknown
+extras too). Arrays have limits (MAX_PROMPTS, MAX_MESSAGES, ...; docs/api.md lists them).
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional, Union
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -18,12 +25,27 @@ from server.engine.types import SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+INT32_MAX = 2**31 - 1           # counts (max_tokens, top_k, ...) and token ids: anything above is absurd
+# limits on what one request may carry (docs/api.md); OpenAI's where it has one
+MAX_N = 128                     # OpenAI
+MAX_PROMPTS = 4096              # strings or token-id lists in one completion request
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 4096        # per message
+MAX_STOP = 32                   # OpenAI allows 4 for its own models; vLLM has no limit
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 16384          # OpenAI allows 300; vLLM none: clients ban many tokens through it
+MAX_TEMPERATURE = 100.0         # OpenAI caps it at 2, vLLM not at all; far above 10 sampling is uniform
+MAX_TOOLS = 128                 # OpenAI
+MAX_REPETITION_PENALTY = 100.0  # vLLM has none; float32 must stay finite
+MIN_REPETITION_PENALTY = 0.01
+MAX_JSON_DEPTH = 64             # nesting of the request body (a JSON schema's levels count twice)
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -45,6 +67,71 @@ class FieldError(ValueError):
         self.code = code
 
 
+def _path(parts: tuple) -> Optional[str]:
+    """('messages', 0, 'content') -> 'messages[0].content' (errors.py names pydantic's paths so)."""
+    text = ""
+    for p in parts:
+        text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
+    return text or None
+
+
+def _printable(text: str) -> str:
+    """`text` with what cannot be encoded as UTF-8 (lone surrogates) escaped as \\udcff."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_unicode(text: str) -> Optional[str]:
+    """Why `text` cannot be UTF-8 (a lone surrogate, which Python's json lets through), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate U+{ord(text[e.start]):04X} at index {e.start}"
+    return None
+
+
+def check_json_input(data: Any) -> None:
+    """Walk a request's raw JSON once, iteratively (no recursion, however deep it is), and raise
+    FieldError naming the path of the first string or object key that is not valid Unicode, the
+    first non-finite number, or a container nested deeper than MAX_JSON_DEPTH (named by its
+    top-level field)."""
+    _check_scalar(data, ())
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 1)] if type(data) in (dict, list) else []
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            where = _path(path[:1])
+            raise FieldError(where, f"{where or 'the request body'} is nested more than {MAX_JSON_DEPTH} "
+                             "levels deep")
+        children = []
+        # NOTE: the loop is written for speed (a 4 MiB body holds 2M token ids): the common cases
+        # (ints, ASCII strings) cost one type check, paths are built only for containers and errors.
+        for key, item in (value.items() if type(value) is dict else enumerate(value)):
+            if type(key) is str and not key.isascii() and (why := _bad_unicode(key)) is not None:
+                where = _path(path + (_printable(key),))
+                raise FieldError(where, f"{where}: the key is not valid Unicode ({why}); text must be "
+                                 "encodable as UTF-8", code="invalid_unicode")
+            kind = type(item)
+            if kind is dict or kind is list:
+                children.append((item, path + (key,), depth + 1))
+            elif not (kind is int or (kind is str and item.isascii()) or (kind is float and math.isfinite(item))
+                      or item is None or kind is bool):
+                _check_scalar(item, path + (key,))
+        stack.extend(reversed(children))     # depth first, in document order
+
+
+def _check_scalar(value: Any, path: tuple) -> None:
+    if isinstance(value, str) and (why := _bad_unicode(value)) is not None:
+        where = _path(path)
+        raise FieldError(where, f"{where or 'the request body'} is not valid Unicode ({why}); text must be "
+                         "encodable as UTF-8", code="invalid_unicode")
+    if isinstance(value, float) and not math.isfinite(value):
+        where = _path(path)
+        raise FieldError(where, f"{where or 'the request body'} must be a finite number, got {value} "
+                         "(NaN and Infinity are not JSON)")
+
+
 def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     """Paths of the fields a request carried that no model declares (`messages[0].foo`)."""
     found = [prefix + name for name in (model.model_extra or {})]
@@ -64,6 +151,10 @@ def _unsupported(name: str, value: Any, harmless: bool) -> Any:
 
 
 def _normalize_prompt(value: Any) -> Prompt:
+    if isinstance(value, list) and value and not isinstance(value[0], (int, bool)) and len(value) > MAX_PROMPTS:
+        raise FieldError(None, f"at most {MAX_PROMPTS} prompts may be given in one request, got {len(value)}",
+                         code="array_above_max_length")
+
     def is_ids(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
@@ -78,6 +169,16 @@ def _normalize_prompt(value: Any) -> Prompt:
             return value
     raise ValueError("must be a non-empty string, list of strings, list of token ids "
                      "or list of token id lists")
+
+
+class RequestModel(OpenAIBaseModel):
+    """A request body: its raw JSON is checked whole before any field (check_json_input)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_json_input(cls, data: Any) -> Any:
+        check_json_input(data)
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -126,28 +227,28 @@ class StructuredOutputsRequest(OpenAIBaseModel):
     json_object: Optional[bool] = None
 
 
-class _GenerationRequest(OpenAIBaseModel):
+class _GenerationRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Optional[str] = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float = Field(1.0, ge=0.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[str, list[str]]] = None     # at most MAX_STOP (checked below)
     seed: Optional[int] = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     # vLLM's extras
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -159,7 +260,7 @@ class _GenerationRequest(OpenAIBaseModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     guided_decoding_backend: Optional[str] = None    # ignored: one backend (llguidance)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=MAX_LOGIT_BIAS)
     service_tier: Optional[str] = None           # ignored
     store: Optional[bool] = None                 # ignored
     metadata: Optional[dict[str, str]] = None    # ignored
@@ -168,6 +269,9 @@ class _GenerationRequest(OpenAIBaseModel):
     @classmethod
     def _check_stop(cls, v: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
         stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise FieldError(None, f"at most {MAX_STOP} stop sequences may be given, got {len(stops)}",
+                             code="array_above_max_length")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return v
@@ -176,7 +280,8 @@ class _GenerationRequest(OpenAIBaseModel):
     @classmethod
     def _check_logit_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for key, bias in (v or {}).items():
-            if not key.strip().isdigit():
+            digits = key.strip()
+            if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -188,6 +293,8 @@ class _GenerationRequest(OpenAIBaseModel):
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise FieldError("min_tokens", "min_tokens must not exceed max_tokens")
+        if self.seed is not None and self.seed + self.n - 1 > UINT64_MAX:
+            raise FieldError("seed", f"seed + n - 1 must not exceed {UINT64_MAX} (choice i uses seed + i)")
         return self
 
     @property
@@ -250,7 +357,7 @@ class _GenerationRequest(OpenAIBaseModel):
 
 class CompletionRequest(_GenerationRequest):
     prompt: Prompt
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=1, le=INT32_MAX)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     add_special_tokens: bool = True              # vLLM extra
@@ -332,6 +439,9 @@ class ChatMessage(OpenAIBaseModel):
     @classmethod
     def _check_parts(cls, v: Any) -> Any:
         if isinstance(v, list):
+            if len(v) > MAX_CONTENT_PARTS:
+                raise FieldError(None, f"at most {MAX_CONTENT_PARTS} content parts may be given, got {len(v)}",
+                                 code="array_above_max_length")
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text":
@@ -383,11 +493,11 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True           # vLLM extras
@@ -468,17 +578,17 @@ class ChatCompletionRequest(_GenerationRequest):
         return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools or ()]
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestModel):
     """vLLM's /tokenize: either `prompt` (completion form) or `messages` (chat form)."""
 
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: Optional[bool] = None    # default: True for prompt, False for messages
     return_token_strs: bool = False
-    tools: Optional[list[Tool]] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
@@ -492,7 +602,7 @@ class TokenizeRequest(OpenAIBaseModel):
     _check_template_kwargs = ChatCompletionRequest._check_template_kwargs
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: Optional[str] = None
     tokens: list[int]
 

@@ -26,8 +26,9 @@ from server.api.lifecycle import ServerState
 from server.api.protocol import FieldError, UsageInfo, unknown_fields
 from server.api.tool_parsers import get_tool_parser
 from server.engine.structured import GrammarError
-from server.engine.types import (CompletionOutput, QueueFullError, RequestOutput, RequestTooLongError,
-                                 SamplingParams, SamplingParamsError, StructuredOutputsParams, TokenLogprob)
+from server.engine.types import (CompletionOutput, EngineDeadError, FinishReason, QueueFullError, RequestOutput,
+                                 RequestTooLongError, SamplingParams, SamplingParamsError, StructuredOutputsParams,
+                                 TokenLogprob)
 from server.metrics import Metrics
 
 LOG_SCOPE_KEY = "kiln.log"        # per-request dict of fields for the request's log line
@@ -67,6 +68,11 @@ class ServingOptions:
     strict_request_fields: bool = False      # unknown request fields: 400 (else logged and ignored)
     enable_auto_tool_choice: bool = True     # tool_choice "auto": parse tool calls out of the output
     tool_call_parser: str = "hermes"         # server/api/tool_parsers
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not produce a valid output for this request (FinishReason.ERROR)."""
+
 
 @dataclass
 class ModelInfo:
@@ -123,6 +129,9 @@ class Generation:
     def _note(self, out: RequestOutput) -> None:
         if out.finished:
             self._finished.add(out.request_id)
+        if any(c.finish_reason is FinishReason.ERROR for c in out.outputs):
+            # a stream reports it as a final SSE error event, a JSON response as a 500
+            raise RequestFailedError(f"request {out.request_id} failed: the model produced non-finite logits")
 
     def abort(self) -> None:
         for request_id in self.request_ids:
@@ -166,6 +175,9 @@ async def _framed(chunks: AsyncGenerator[str, None], generation: Generation) -> 
     try:
         async for chunk in _keepalive(chunks, SSE_KEEPALIVE_SECONDS):
             yield chunk
+    except EngineDeadError as e:    # the same error object a new request would get (503)
+        logger.error("stream of %s ended: %s", ",".join(generation.request_ids), e)
+        yield sse(errors.OpenAIError(503, f"The engine is not running: {e}", code="engine_dead").body())
     except Exception:  # noqa: BLE001
         logger.exception("stream of %s failed", ",".join(generation.request_ids))
         yield sse(errors.internal_error().body())

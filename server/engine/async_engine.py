@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Callable, Optional, Sequence as Seq
 
 from server.engine.config import EngineConfig
@@ -58,12 +59,18 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, runner, tokenizer, config: Optional[EngineConfig] = None,
-                 observer: Optional[EngineObserver] = None, own_thread: bool = True):
+                 observer: Optional[EngineObserver] = None, own_thread: bool = True,
+                 step_timeout: Optional[float] = None):
         """own_thread: start() spawns the loop's thread; False: the owner calls run() itself
-        (on the main thread, where the graphs run fastest: server/__main__.py)."""
+        (on the main thread, where the graphs run fastest: server/__main__.py).
+        step_timeout: seconds one engine step may run before the engine is declared dead (every
+        live stream fails, is_alive() turns false so /health answers 503); None: no limit."""
         self.engine = LLMEngine(runner, tokenizer, config, observer)
         self.config = self.engine.config
         self._own_thread = own_thread
+        self.step_timeout = step_timeout
+        self._step_started: Optional[float] = None     # monotonic start of the step in progress
+        self._watchdog: Optional[asyncio.Task] = None
         self._cond = threading.Condition()
         self._new: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
@@ -83,6 +90,8 @@ class AsyncEngine:
         if self._loop is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
+        if self.step_timeout is not None:
+            self._watchdog = asyncio.create_task(self._watch())
         if self._own_thread:
             threading.Thread(target=self.run, name="kiln-engine-loop", daemon=True).start()
         while not self._looping.is_set():
@@ -101,11 +110,37 @@ class AsyncEngine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        while self._active:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        while self._active and not self._overdue():
             await asyncio.sleep(0.02)
 
     def is_alive(self) -> bool:
-        return self._active and self._error is None and not self._stopping
+        return self._active and self._error is None and not self._stopping and not self._overdue()
+
+    # ---- the step deadline -------------------------------------------------------------------
+    def _overdue(self) -> bool:
+        """True (and the engine declared dead) once a step has outrun step_timeout. NOTE: a graph
+        call cannot be interrupted; the hung thread is left behind and the process is restarted
+        (Kubernetes, on /health 503); meanwhile no client waits on it."""
+        started = self._step_started
+        if self.step_timeout is None or started is None or time.monotonic() - started <= self.step_timeout:
+            return False
+        with self._cond:
+            if self._error is not None:
+                return True
+            self._error = TimeoutError(f"an engine step has run for more than {self.step_timeout:g} s")
+            streams = list(self._streams)
+        logger.error("engine step deadline passed (%g s): failing %d live requests; the engine is dead",
+                     self.step_timeout, len(streams))
+        self._publish([], {request_id: EngineDeadError(self._dead_message()) for request_id in streams})
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.step_timeout / 4))
+            if self._overdue():
+                return
 
     @property
     def num_running(self) -> int:
@@ -177,8 +212,12 @@ class AsyncEngine:
                     engine.abort(request_id)
                 if stopping:
                     engine.abort_all()
+                self._step_started = time.monotonic()
                 outputs = engine.step()
+                self._step_started = None
                 with self._cond:
+                    if self._error is not None:     # the step outran its deadline: nobody listens
+                        return
                     self._num_waiting = engine.num_waiting
                     self._num_running = engine.num_running
                 self._publish(outputs, {})

@@ -10,6 +10,7 @@ constraint get their token masks computed while the graphs run (structured.py). 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Optional, Protocol, Sequence as Seq
 
@@ -23,6 +24,9 @@ from server.engine.structured import StructuredOutputManager
 from server.engine.types import (BucketRun, ExecuteOutput, FinishReason, RequestOutput,
                                  RequestStats, RequestTooLongError, SamplingParams,
                                  SamplingParamsError, SamplingRow, StepStats)
+
+
+logger = logging.getLogger(__name__)
 
 
 class EngineObserver(Protocol):
@@ -146,7 +150,12 @@ class LLMEngine:
 
     def _update(self, seqs: list[Sequence], result: ExecuteOutput) -> list[RequestOutput]:
         now = time.monotonic()
-        for seq, token_id, logprob in zip(seqs, result.token_ids, result.logprobs, strict=True):
+        failed = set(result.failed_rows)
+        for row, (seq, token_id, logprob) in enumerate(zip(seqs, result.token_ids, result.logprobs, strict=True)):
+            if row in failed:
+                logger.error("non-finite logits for %s: the request fails", sequence_key(seq))
+                seq.finish(FinishReason.ERROR)
+                continue
             self._append_token(seq, token_id, logprob, now)
         finished = [seq for seq in seqs if seq.is_finished]
         self.scheduler.finish(finished)

@@ -15,6 +15,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"      # eos, a stop string or a stop token id
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"    # aborted by the caller (client disconnect, shutdown)
+    ERROR = "error"    # the model gave this sequence non-finite logits; the request fails
 
 
 class QueueFullError(RuntimeError):
@@ -201,11 +202,13 @@ class SamplingRow:
 @dataclass
 class ExecuteOutput:
     """What runner.execute(plan) returns: one sampled token (and its logprobs when asked)
-    per row of plan.sampling_rows, and the graphs it ran."""
+    per row of plan.sampling_rows, and the graphs it ran. `failed_rows`: rows whose logits were
+    not finite (NaN or inf from the model); their tokens are meaningless and must not be used."""
 
     token_ids: list[int]
     logprobs: list[Optional[TokenLogprob]]
     runs: list["BucketRun"]
+    failed_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -61,4 +61,4 @@ class PlanExecutor:
             return ExecuteOutput([], [], runs)
         sampled = self.sampler.sample(torch.cat(logits), plan.sampling_rows, plan.logprobs_mode,
                                       plan.token_masks)
-        return ExecuteOutput(sampled.token_ids, sampled.logprobs, runs)
+        return ExecuteOutput(sampled.token_ids, sampled.logprobs, runs, sampled.failed_rows)

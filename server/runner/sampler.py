@@ -21,7 +21,7 @@ One host transfer per step for the token ids and one for the logprobs, if any ro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +38,7 @@ TOP_P_CANDIDATES = 256
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Optional[TokenLogprob]]
+    failed_rows: list[int] = field(default_factory=list)   # non-finite logits: tokens meaningless
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -78,6 +79,11 @@ class Sampler:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"unknown logprobs_mode {logprobs_mode!r}")
         logits = logits.to(torch.float32, copy=True)
+        # NOTE: a model can overflow (or a device misbehave) into NaN/inf; such a row would sample
+        # garbage silently, so it is reported and sampled from zeros, and the engine fails its request.
+        failed = (~torch.isfinite(logits).all(dim=1)).nonzero().squeeze(1).tolist()
+        if failed:
+            logits[failed] = 0.0
         if token_masks is not None:
             _apply_token_masks(logits, token_masks)
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
@@ -99,11 +105,11 @@ class Sampler:
                 logits[random] = processed
         token_ids = tokens.tolist()
         if not lp_rows:
-            return SamplerOutput(token_ids, [None] * len(rows))
+            return SamplerOutput(token_ids, [None] * len(rows), failed)
         if raw_logprobs is None:
             raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1)
         return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, tokens[lp_rows],
-                                                         lp_rows, rows))
+                                                         lp_rows, rows), failed)
 
     def _process_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """[R, V] -> [R, V]: temperature, min_p, top_k/top_p (masked entries become -inf)."""

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 KUBE_VERSIONS = ("1.29", "1.33")
-CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject"}
+# Kinds from CRDs: kubernetes-validate has no schema for them (test_observability.py checks the
+# PrometheusRule and the InferencePool against offline copies of their CRD schemas).
+CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule", "InferencePool"}
 
 # (profile, --set, --set-json): the profiles as shipped, then every switch turned on somewhere.
 SCENARIOS = {
@@ -39,6 +41,11 @@ SCENARIOS = {
         'affinity={"podAntiAffinity":{"preferredDuringSchedulingIgnoredDuringExecution":[{"weight":1,'
         '"podAffinityTerm":{"topologyKey":"kubernetes.io/hostname","labelSelector":{"matchLabels":'
         '{"app.kubernetes.io/name":"kiln"}}}}]}}')),
+    "cpu-observability": ("cpu", (
+        "serviceMonitor.enabled=true", "prometheusRule.enabled=true", "grafana.dashboard.enabled=true",
+        "grafana.dashboard.namespace=monitoring", "inferencePool.enabled=true",
+        "inferencePool.endpointPicker.failureMode=FailOpen"), (
+        'prometheusRule.alertLabels={"team":"ml"}', 'grafana.dashboard.annotations={"grafana_folder":"LLM"}')),
 }
 
 
@@ -73,7 +80,9 @@ def test_objects_validate_against_kubernetes_strict(chart, name, kube):
 
 
 def test_custom_resources_render_only_when_switched_on(chart):
-    assert not {o["kind"] for o in render(chart, "inf2")} & (CUSTOM_KINDS | {"HorizontalPodAutoscaler"})
+    for name in ("default", "cpu", "inf2"):
+        assert not {o["kind"] for o in render(chart, name)} & (CUSTOM_KINDS | {"HorizontalPodAutoscaler"})
+        assert [o["metadata"]["name"] for o in render(chart, name) if o["kind"] == "ConfigMap"] == ["t-kiln"]
     hpa_kinds = {o["kind"] for o in render(chart, "inf2-hpa-monitor")}
     assert {"ServiceMonitor", "HorizontalPodAutoscaler"} <= hpa_kinds and "ScaledObject" not in hpa_kinds
     keda_kinds = {o["kind"] for o in render(chart, "inf2-keda-devices")}

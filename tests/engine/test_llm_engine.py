@@ -293,3 +293,21 @@ def test_the_engine_package_imports_without_torch():
             "import server.engine.llm_engine, server.engine.async_engine, server.engine.scheduler, server.engine.stop\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_non_finite_logits_fail_only_that_sequence_and_free_its_slot():
+    poison = (9, 9, 9)
+
+    def logits(tokens):
+        out = hashed_logits(tokens, 32)
+        if tuple(tokens[:3]) == poison and len(tokens) > 4:
+            out[3] = float("nan")           # from its second generated token on
+        return out
+
+    engine = make_engine(FakeRunner(logits_fn=logits))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = engine.generate([[1, 2, 3]], params)[0].outputs[0].token_ids
+    bad, good = engine.generate([list(poison) + [4], [1, 2, 3]], params)
+    assert bad.outputs[0].finish_reason is FinishReason.ERROR and len(bad.outputs[0].token_ids) == 1
+    assert good.outputs[0].token_ids == alone and good.outputs[0].finish_reason is FinishReason.LENGTH
+    assert engine.kv.num_used == 0 and not engine.has_unfinished()

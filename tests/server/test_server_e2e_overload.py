@@ -61,3 +61,13 @@ def test_n_above_max_num_seqs_is_400(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=None, prompt="x", n=2, max_tokens=2)
     assert e.value.param == "n"
+
+
+def test_offered_load_above_capacity_loses_nothing(server):
+    """loadtest/overload.py's accounting: every offered request completes in full or is refused with
+    Retry-After (the figures at 2x the sustainable rate of the default model: docs/benchmarks.md)."""
+    from loadtest.overload import offer
+    out, _, offered = asyncio.run(offer(server.url, rate=40.0, duration=2.0, max_tokens=16, seed=3))
+    assert not out.lost, out.lost
+    assert out.completed + sum(out.refused.values()) == offered
+    assert out.completed >= 1 and out.refused.get(429, 0) >= 1

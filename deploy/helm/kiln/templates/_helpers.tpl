@@ -156,3 +156,53 @@ sum({{ include "kiln.autoscalingMetric" . }}{namespace="{{ .Release.Namespace }}
 {{- fail "autoscaling.mode=keda needs autoscaling.keda.serverAddress (the Prometheus URL)" }}
 {{- end }}
 {{- end }}
+
+{{/* Observability (grafana-dashboard.yaml, prometheusrule.yaml) ----------------------------- */}}
+
+{{/* The server's --max-num-queued-reqs default (ServerConfig().max_num_queued_reqs; a test
+     keeps the two equal). */}}
+{{- define "kiln.defaultMaxNumQueuedReqs" -}}
+256
+{{- end }}
+
+{{/* The waiting-queue bound the pods run with: server.maxNumQueuedReqs, a KILN_MAX_NUM_QUEUED_REQS
+     in server.extraConfig, or the server's default. */}}
+{{- define "kiln.maxNumQueuedReqs" -}}
+{{- $s := .Values.server }}
+{{- if not (kindIs "invalid" $s.maxNumQueuedReqs) }}
+{{- $s.maxNumQueuedReqs }}
+{{- else if hasKey $s.extraConfig "KILN_MAX_NUM_QUEUED_REQS" }}
+{{- get $s.extraConfig "KILN_MAX_NUM_QUEUED_REQS" }}
+{{- else }}
+{{- include "kiln.defaultMaxNumQueuedReqs" . }}
+{{- end }}
+{{- end }}
+
+{{/* PromQL label matchers for this release's series: the labels the ServiceMonitor's targets
+     carry (namespace, service), unless prometheusRule.selector replaces them. */}}
+{{- define "kiln.promSelector" -}}
+{{- default (printf "namespace=%q,service=%q" .Release.Namespace (include "kiln.fullname" .)) .Values.prometheusRule.selector }}
+{{- end }}
+
+{{/* Name of the InferencePool and of the endpoint picker Service it points at. */}}
+{{- define "kiln.inferencePoolName" -}}
+{{- include "kiln.fullname" . }}
+{{- end }}
+
+{{- define "kiln.eppServiceName" -}}
+{{- default (printf "%s-epp" (include "kiln.inferencePoolName" .)) .Values.inferencePool.endpointPicker.serviceName }}
+{{- end }}
+
+{{/* for, labels and annotations of one alert: dict alert (its values), summary, description, r
+     (.Values.prometheusRule). */}}
+{{- define "kiln.alertMeta" -}}
+for: {{ .alert.for }}
+labels:
+  severity: {{ .alert.severity }}
+  {{- with .r.alertLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  summary: {{ .summary | quote }}
+  description: {{ .description | quote }}
+{{- end }}
