@@ -3,8 +3,8 @@
     python -m loadtest.overload --base-url http://127.0.0.1:8000 --rate 7 --duration 30 [--max-tokens 64]
 
 Requests arrive as a Poisson process at --rate per second for --duration seconds, each a streamed
-completion of a random short prompt with `ignore_eos` and --max-tokens. Every request must end one of
-two ways: accepted and completed (status 200, finish_reason "length", exactly max_tokens tokens), or
+completion of a random prompt of 20-60 one-token words (loadtest.prompts) with `ignore_eos` and
+--max-tokens. Every request must end one of two ways: accepted and completed (status 200, finish_reason "length", exactly max_tokens tokens), or
 refused with 429 or 503 carrying Retry-After. Anything else (another status, a refusal without
 Retry-After, a broken or short stream) is "lost" and the exit status is 1. Prints the counts, the
 accepted requests' TTFT and latency percentiles, and the achieved throughput.
@@ -23,7 +23,7 @@ from typing import Optional
 
 import httpx
 
-from loadtest.soak import WORDS
+from loadtest.prompts import make_prompt
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Outcome:
 
 
 async def one(client: httpx.AsyncClient, model: str, max_tokens: int, rng: random.Random, out: Outcome) -> None:
-    body = {"model": model, "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))),
+    body = {"model": model, "prompt": make_prompt(rng, rng.randint(20, 60)),
             "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.monotonic()
     first: Optional[float] = None

@@ -25,8 +25,8 @@ from typing import Optional
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-WORDS = ("kiln clay glaze fire pot bowl heat ash cone wheel slip bisque stoneware porcelain raku "
-         "the a of and to in is was for on with as by at from").split()
+from loadtest.prompts import make_prompt
+
 STOPS = ["\n\n", ".", " the", "ash"]
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "size": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -62,7 +62,7 @@ def scrape(base_url: str) -> dict[str, float]:
 
 
 def random_body(rng: random.Random, model: str, max_model_len: int) -> tuple[str, dict]:
-    prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 25)))
+    prompt = make_prompt(rng, rng.randint(1, 25))
     limit = min(64, max_model_len // 4)       # a prompt and its answer fit the smallest test model
     body: dict = {"model": model, "n": rng.choice([1, 1, 1, 2, 3]), "temperature": rng.choice([0, 0.7, 1.0]),
                   "max_tokens": rng.randint(1, limit), "stream": rng.random() < 0.6}

@@ -37,9 +37,9 @@ class OpenAIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": _printable(self.message),
+        return {"error": {"message": printable(self.message),
                           "type": _TYPES.get(self.status, "invalid_request_error"),
-                          "param": _printable(self.param), "code": self.code}}
+                          "param": printable(self.param), "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -71,7 +71,7 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "Internal server error; see the server log.", code="internal_error")
 
 
-def _printable(text: Optional[str]) -> Optional[str]:
+def printable(text: Optional[str]) -> Optional[str]:
     """A message or param that can be sent as UTF-8 JSON (a lone surrogate from the request shows as \\udcff)."""
     if text is None or text.isascii():
         return text
@@ -88,13 +88,17 @@ def _strip_tags(loc: tuple) -> tuple:
                  if not (i > 0 and isinstance(p, str) and _UNION_TAG.fullmatch(p)) and p != "body")
 
 
-def _param(loc: tuple) -> Optional[str]:
-    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
-    parts = _strip_tags(loc)
+def format_path(parts: tuple) -> Optional[str]:
+    """('messages', 0, 'content') -> 'messages[0].content': a field's path as a `param`."""
     text = ""
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or None
+
+
+def _param(loc: tuple) -> Optional[str]:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
+    return format_path(_strip_tags(loc))
 
 
 # pydantic's error types that OpenAI's API names with a code of its own
@@ -150,6 +154,6 @@ def from_http_exception(status: int, detail: Any, cause: Optional[BaseException]
         elif isinstance(cause, UnicodeDecodeError):
             reason = f"it is not valid UTF-8 ({cause.reason} at byte {cause.start})"
         else:
-            reason = _printable(str(cause)) or "it cannot be parsed"
+            reason = printable(str(cause)) or "it cannot be parsed"
         return bad_request(f"Request body is not valid JSON: {reason}.", code="invalid_json")
     return OpenAIError(status, str(detail), headers=headers)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from server.api.errors import format_path, printable
 from server.engine.types import SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20
@@ -67,19 +68,6 @@ class FieldError(ValueError):
         self.code = code
 
 
-def _path(parts: tuple) -> Optional[str]:
-    """('messages', 0, 'content') -> 'messages[0].content' (errors.py names pydantic's paths so)."""
-    text = ""
-    for p in parts:
-        text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
-    return text or None
-
-
-def _printable(text: str) -> str:
-    """`text` with what cannot be encoded as UTF-8 (lone surrogates) escaped as \\udcff."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _bad_unicode(text: str) -> Optional[str]:
     """Why `text` cannot be UTF-8 (a lone surrogate, which Python's json lets through), or None."""
     if text.isascii():
@@ -101,7 +89,7 @@ def check_json_input(data: Any) -> None:
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            where = _path(path[:1])
+            where = format_path(path[:1])
             raise FieldError(where, f"{where or 'the request body'} is nested more than {MAX_JSON_DEPTH} "
                              "levels deep")
         children = []
@@ -109,7 +97,8 @@ def check_json_input(data: Any) -> None:
         # (ints, ASCII strings) cost one type check, paths are built only for containers and errors.
         for key, item in (value.items() if type(value) is dict else enumerate(value)):
             if type(key) is str and not key.isascii() and (why := _bad_unicode(key)) is not None:
-                where = _path(path + (_printable(key),))
+                # escaped here: pydantic formats the error (and its message) before errors.py sees it
+                where = format_path(path + (printable(key),))
                 raise FieldError(where, f"{where}: the key is not valid Unicode ({why}); text must be "
                                  "encodable as UTF-8", code="invalid_unicode")
             kind = type(item)
@@ -123,11 +112,11 @@ def check_json_input(data: Any) -> None:
 
 def _check_scalar(value: Any, path: tuple) -> None:
     if isinstance(value, str) and (why := _bad_unicode(value)) is not None:
-        where = _path(path)
+        where = format_path(path)
         raise FieldError(where, f"{where or 'the request body'} is not valid Unicode ({why}); text must be "
                          "encodable as UTF-8", code="invalid_unicode")
     if isinstance(value, float) and not math.isfinite(value):
-        where = _path(path)
+        where = format_path(path)
         raise FieldError(where, f"{where or 'the request body'} must be a finite number, got {value} "
                          "(NaN and Infinity are not JSON)")
 
