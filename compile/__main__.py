@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from compile.config import (CPU_KERNELS, DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_TARGETS, TARGETS, CompileConfig,
-                            ConfigError)
+from compile.config import (CPU_KERNELS, CPU_PREFIX_CACHE_ROWS, DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_PREFIX_CACHE_ROWS,
+                            NEURON_TARGETS, TARGETS, CompileConfig, ConfigError)
 
 EPILOG = """examples:
   python -m compile --checkpoint smollm2-135m-instruct --target cpu --out artifacts/smollm2
@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-num-seqs", type=int, help=f"KV cache slots = largest decode batch (default "
                    f"{CPU_MAX_NUM_SEQS} on cpu, {NEURON_MAX_NUM_SEQS} on neuron)")
     c.add_argument("--max-model-len", type=int, default=2048, help="positions per sequence (default 2048)")
+    c.add_argument("--prefix-cache-rows", type=int, metavar="N",
+                   help=f"KV rows kept for the prefix cache, past --max-num-seqs: each holds one finished sequence's "
+                        f"K/V for requests that repeat its start (default {CPU_PREFIX_CACHE_ROWS} on cpu, "
+                        f"{NEURON_PREFIX_CACHE_ROWS} on neuron; 0: no prefix caching)")
+    c.add_argument("--chunk-buckets", type=int_list, metavar="C1,C2,..",
+                   help="token counts of the prefill-chunk graphs (a long prompt's later chunks, the rest of a prompt "
+                        "after a prefix-cache hit); default the largest context bucket up to 512, and below it 64, 128 "
+                        "and 256 on cpu, 128 on neuron")
     c.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
                    help="cpu target: graphs with fused projections prepacked for oneDNN (cpu-onednn), or plain "
                         "aten ops any CPU runs (portable); auto picks cpu-onednn where it works (default auto)")
@@ -104,7 +112,8 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
         kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len),
                                                           midpoints=CPU_KV_MIDPOINTS if cpu else (0, 0)),
         max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree,
-        cpu_kernels=args.cpu_kernels, neuron_compile_workers=args.neuron_compile_workers)
+        cpu_kernels=args.cpu_kernels, neuron_compile_workers=args.neuron_compile_workers,
+        prefix_cache_rows=args.prefix_cache_rows, chunk_buckets=args.chunk_buckets or None)
 
 
 def run_suggest(path: Path, num_buckets: int, max_len: int) -> int:

@@ -48,7 +48,7 @@ def plan_graphs(cfg: CompileConfig) -> list[GraphSpec]:
     else:
         specs = [GraphSpec("prefill", seq_len=s) for s in cfg.context_buckets]
     if cfg.needs_chunk_graph:
-        specs.append(GraphSpec("prefill_chunk", seq_len=cfg.chunk_len, kv_len=cfg.max_model_len))
+        specs += [GraphSpec("prefill_chunk", seq_len=s, kv_len=p) for s in cfg.chunk_sizes for p in cfg.chunk_pasts]
     specs += [GraphSpec("decode", batch=b, kv_len=k) for b in cfg.batch_buckets for k in cfg.kv_buckets]
     return specs
 

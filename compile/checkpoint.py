@@ -76,10 +76,24 @@ def source_sha256(path_or_name: str) -> str:
     return files_sha256([f for f in files if f.exists()])
 
 
+def gguf_hf_config(path: Path) -> Any:
+    """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
+    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one."""
+    from transformers import AutoConfig
+    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if hf.model_type == "qwen3":
+        from gguf import GGUFReader
+        field = GGUFReader(str(path)).get_field("qwen3.attention.key_length")
+        if field is not None:
+            hf.head_dim = int(field.contents())
+    return hf
+
+
 def model_config_from_hf(hf: Any) -> ModelConfig:
     archs = list(getattr(hf, "architectures", None) or [])
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM"}.get(hf.model_type, hf.model_type)
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type,
+                                                                                                   hf.model_type)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if getattr(hf, "mlp_bias", False):
@@ -95,8 +109,8 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     window = getattr(hf, "sliding_window", None)
-    if arch == "Qwen2ForCausalLM" and not getattr(hf, "use_sliding_window", False):
-        window = None
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        window = qwen_sliding_window(hf, arch)
     attention_bias = arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         architecture=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
@@ -107,7 +121,26 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         sliding_window=int(window) if window else None,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
-        bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids)
+        bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
+        qk_norm=arch == "Qwen3ForCausalLM")
+
+
+def qwen_sliding_window(hf: Any, arch: str) -> Any:
+    """Qwen2/Qwen3's window: transformers applies it only where layer_types says "sliding_attention" (layers
+    from max_window_layers on, when use_sliding_window), and only while use_sliding_window keeps it set.
+    One window on every layer or on none is what the graphs compute; a mix is refused."""
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", False) else None
+    types = list(getattr(hf, "layer_types", None) or [])
+    if not window or not types:
+        return window
+    sliding = sum(t == "sliding_attention" for t in types)
+    if sliding == len(types):
+        return window
+    if sliding:
+        raise CheckpointError(f"{arch} with a sliding window on {sliding} of {len(types)} layers (use_sliding_window, "
+                              f"max_window_layers={getattr(hf, 'max_window_layers', None)}) is not supported; "
+                              "only a window on every layer or on none")
+    return None
 
 
 def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -144,9 +177,9 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
     if path.is_file() and path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
         folder, kw = path.parent, {"gguf_file": path.name}
-        hf = AutoConfig.from_pretrained(folder, **kw)
+        hf = gguf_hf_config(path)
         cfg = model_config_from_hf(hf)  # refuse unsupported architectures before dequantizing
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=hf, dtype=torch.float32, **kw)
         state = model.state_dict()
         del model
     elif path.is_dir():

@@ -56,6 +56,8 @@ def graph_weights(cfg: ModelConfig, stored: Mapping[str, torch.Tensor], variant:
             out.append(_fused(stored, name, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         elif ".gate_up_proj." in name:
             out.append(_fused(stored, name, ("gate_proj", "up_proj"), "gate_up_proj"))
+        elif ".qk_norm." in name:
+            out.append(_qk_norm(cfg, stored, name))
         elif name.endswith("proj.weight"):
             out.append(pack(stored[name]))
         else:
@@ -66,3 +68,10 @@ def graph_weights(cfg: ModelConfig, stored: Mapping[str, torch.Tensor], variant:
 def _fused(stored: Mapping[str, torch.Tensor], name: str, parts: tuple[str, ...], fused: str) -> torch.Tensor:
     joined = torch.cat([stored[name.replace(fused, part)] for part in parts])
     return pack(joined) if name.endswith(".weight") else joined  # biases stay plain
+
+
+def _qk_norm(cfg: ModelConfig, stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """[heads + kv heads, head_dim]: q_norm's weight for each query head's row, then k_norm's for each KV
+    head's, so one multiply scales the fused q/k rows (compile/model.py qkv)."""
+    q, k = (stored[name.replace("qk_norm", part)] for part in ("q_norm", "k_norm"))
+    return torch.cat((q.expand(cfg.num_heads, -1), k.expand(cfg.num_kv_heads, -1))).contiguous()

@@ -132,7 +132,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
             source={"checkpoint": cfg.checkpoint, "sha256": source},
             versions=versions(cfg), compile_key=key, timings=timings,
             neuron=backend.manifest_section(cfg),
-            graph_variant=variant)
+            graph_variant=variant, prefix_cache_rows=cfg.prefix_cache_rows)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         replace_dir(tmp, out)
     except BaseException:

@@ -49,6 +49,7 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     neuron: dict[str, Any] = field(default_factory=dict)  # neuron target, lnc, compiler args
     graph_variant: str = "portable"   # compile.model.GRAPH_VARIANTS: the weight list the graphs take
+    prefix_cache_rows: int = 0        # KV rows past max_num_seqs for the prefix cache (0: none)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"

@@ -1,7 +1,8 @@
 """The one model definition: Llama-family decoders with static shapes and an explicit KV cache.
 
 Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
-(sliding window) and Qwen2ForCausalLM (qkv bias, tied or untied embeddings).
+(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings) and Qwen3ForCausalLM
+(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -62,6 +63,9 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: Optional[int]
     eos_token_ids: tuple[int, ...]
+    # Qwen3: an RMSNorm over each head's q and k (self_attn.q_norm / k_norm, [head_dim]) before rope.
+    # NOTE: defaulted, so a manifest written before the field existed still reads (as False).
+    qk_norm: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +91,8 @@ def weight_names(cfg: ModelConfig) -> list[str]:
             names.append(p + f"self_attn.{proj}.weight")
             if cfg.attention_bias:
                 names.append(p + f"self_attn.{proj}.bias")
+        if cfg.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
                   p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
     names.append("model.norm.weight")
@@ -97,7 +103,8 @@ def weight_names(cfg: ModelConfig) -> list[str]:
 
 def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
     """The tensors a graph of this variant takes, in order. CPU_ONEDNN fuses q/k/v into qkv_proj and
-    gate/up into gate_up_proj, and always has its own lm_head (a packed copy when embeddings are tied)."""
+    gate/up into gate_up_proj, q_norm/k_norm (qk_norm) into qk_norm [heads + kv heads, head_dim] (each
+    head's row of its norm weight), and always has its own lm_head (a packed copy when embeddings are tied)."""
     if variant == PORTABLE:
         return weight_names(cfg)
     if variant != CPU_ONEDNN:
@@ -108,6 +115,8 @@ def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
         names += [p + "input_layernorm.weight", p + "self_attn.qkv_proj.weight"]
         if cfg.attention_bias:
             names.append(p + "self_attn.qkv_proj.bias")
+        if cfg.qk_norm:
+            names.append(p + "self_attn.qk_norm.weight")
         names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
                   p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
     return names + ["model.norm.weight", "lm_head.weight"]
@@ -191,18 +200,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def qkv(w: Weights, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """h [T, hidden] -> q [T, H, D], k [T, KV, D] (rope applied), v [T, KV, D]."""
+    """h [T, hidden] -> q [T, H, D], k [T, KV, D] (qk_norm, then rope applied), v [T, KV, D].
+
+    qk_norm (Qwen3): each head's q and k RMS-normalised over head_dim, then rope, as transformers does."""
     cfg, t = w.cfg, h.shape[0]
     heads, kv = cfg.num_heads, cfg.num_kv_heads
+    p = f"model.layers.{i}.self_attn."
     if w.variant == CPU_ONEDNN:  # q/k/v fused into one projection
-        y = w.linear(h, f"model.layers.{i}.self_attn.qkv_proj").view(t, heads + 2 * kv, cfg.head_dim)
-        qk = apply_rope(y[:, :heads + kv], cos, sin)  # one rope over q and k together
+        y = w.linear(h, p + "qkv_proj").view(t, heads + 2 * kv, cfg.head_dim)
+        qk = y[:, :heads + kv]
+        if cfg.qk_norm:  # one normalisation over q and k together, then each head's row of its weight
+            qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.rms_norm_eps) * w[p + "qk_norm.weight"]
+        qk = apply_rope(qk, cos, sin)  # one rope over q and k together
         return qk[:, :heads], qk[:, heads:], y[:, heads + kv:]
     out = []
     for proj, n in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv)):
-        y = w.linear(h, f"model.layers.{i}.self_attn.{proj}")
+        y = w.linear(h, p + proj)
         out.append(y.view(t, n, cfg.head_dim))
     q, k, v = out
+    if cfg.qk_norm:
+        q, k = w.norm(q, p + "q_norm.weight"), w.norm(k, p + "k_norm.weight")
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

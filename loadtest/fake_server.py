@@ -8,6 +8,12 @@ OpenAI, not only Kiln. Standard library only; threads, one per connection; 127.0
 Each request waits ttft, then emits max_tokens tokens ("tok0 tok1 ..."), itl apart. Without
 `ignore_eos` it stops early after `eos_after` tokens when that is set. Every `fail_every`-th
 request answers HTTP 500. `usage=False` leaves usage out, as some servers do.
+
+With `prefix_cache_block` B > 0 it also models a prefix cache, the way vLLM's works, with words
+as tokens: a prompt's leading whole blocks of B words that an earlier request's prompt or reply
+already covered count as cached, reported as usage.prompt_tokens_details.cached_tokens. So the
+count is deterministic: a shared system prompt is cached for every request after the first, a
+multiturn turn finds the whole previous turn (prompt and reply) cached. Timing does not change.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class FakeBehavior:
     eos_after: int | None = None
     fail_every: int = 0
     usage: bool = True
+    prefix_cache_block: int = 0  # > 0: report cached_tokens of a prefix cache with blocks of this many words
 
 
 class FakeOpenAIServer:
@@ -40,6 +47,7 @@ class FakeOpenAIServer:
         self.bodies: list[dict[str, Any]] = []  # every request body received, in order
         self._lock = threading.Lock()
         self._count = 0
+        self._blocks: set[int] = set()  # chained hashes of the cached word blocks
         self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -71,12 +79,35 @@ class FakeOpenAIServer:
             self._count += 1
             return self._count
 
+    def cached_prefix(self, words: list[str]) -> int:
+        """How many leading words are in cached blocks; then caches the prompt's own blocks."""
+        hashes = _block_hashes(words, self.behavior.prefix_cache_block)
+        with self._lock:
+            hits = next((i for i, h in enumerate(hashes) if h not in self._blocks), len(hashes))
+            self._blocks.update(hashes)
+        return hits * self.behavior.prefix_cache_block
 
-def _num_words(body: dict[str, Any]) -> int:
+    def cache(self, words: list[str]) -> None:
+        """Caches the blocks of a prompt and its reply (as a server keeps the blocks it generated)."""
+        hashes = _block_hashes(words, self.behavior.prefix_cache_block)
+        with self._lock:
+            self._blocks.update(hashes)
+
+
+def _block_hashes(words: list[str], block: int) -> list[int]:
+    """One hash per whole block, each over the block and all before it (vLLM's block hashes)."""
+    out: list[int] = []
+    for i in range(block, len(words) + 1, block) if block > 0 else ():
+        out.append(hash((out[-1] if out else None, tuple(words[i - block:i]))))
+    return out
+
+
+def _prompt_words(body: dict[str, Any]) -> list[str]:
+    """The prompt as words (the fake server's tokens): chat messages' contents in order."""
     if "messages" in body:
-        return sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        return [w for m in body["messages"] for w in str(m.get("content", "")).split()]
     prompt = body.get("prompt", "")
-    return len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+    return prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
 
 
 def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
@@ -123,8 +154,11 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._json(500, {"error": {"message": "injected failure", "type": "server_error"}})
             max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
             n = max_tokens if body.get("ignore_eos") or b.eos_after is None else min(max_tokens, b.eos_after)
-            usage = {"prompt_tokens": _num_words(body), "completion_tokens": n,
-                     "total_tokens": _num_words(body) + n}
+            words = _prompt_words(body)
+            usage: dict[str, Any] = {"prompt_tokens": len(words), "completion_tokens": n,
+                                     "total_tokens": len(words) + n}
+            if b.prefix_cache_block > 0:
+                usage["prompt_tokens_details"] = {"cached_tokens": server.cached_prefix(words)}
             if body.get("stream"):
                 include_usage = b.usage and (body.get("stream_options") or {}).get("include_usage")
                 self._stream(chat, n, usage if include_usage else None)
@@ -138,6 +172,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 if b.usage:
                     obj["usage"] = usage
                 self._json(200, obj)
+            if b.prefix_cache_block > 0:
+                server.cache(words + [f"tok{i}" for i in range(n)])
 
         def _stream(self, chat: bool, n: int, usage: dict[str, int] | None) -> None:
             self.send_response(200)
@@ -183,8 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--eos-after", type=int, default=None)
     p.add_argument("--fail-every", type=int, default=0)
+    p.add_argument("--prefix-cache-block", type=int, default=0,
+                   help="report usage.prompt_tokens_details.cached_tokens of a prefix cache with blocks of N words")
     args = p.parse_args(argv)
-    behavior = FakeBehavior(args.model, args.ttft_ms / 1000, args.itl_ms / 1000, args.eos_after, args.fail_every)
+    behavior = FakeBehavior(args.model, args.ttft_ms / 1000, args.itl_ms / 1000, args.eos_after, args.fail_every,
+                            prefix_cache_block=args.prefix_cache_block)
     server = FakeOpenAIServer(behavior, args.host, args.port)
     print(f"fake OpenAI server on {server.base_url} (model {args.model})", flush=True)
     try:

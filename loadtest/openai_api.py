@@ -9,6 +9,8 @@ Timing definitions (the same as `vllm bench serve`, with one difference noted):
 - TPOT: (E2EL - TTFT) / (output_tokens - 1), for output_tokens > 1.
 - output tokens: `usage.completion_tokens` (we ask for it with stream_options.include_usage);
   when the server sends no usage, the number of text-carrying chunks.
+- cached prompt tokens: `usage.prompt_tokens_details.cached_tokens` (OpenAI's field, which Kiln
+  and vLLM with prefix caching send); None when the server does not send it.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+Messages = list[dict[str, str]]
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def build_body(
     endpoint: str,
     model: str,
-    prompt: str,
+    prompt: str | Messages,
     max_tokens: int,
     *,
     stream: bool,
@@ -31,11 +34,17 @@ def build_body(
     ignore_eos: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of one completions or chat request. `ignore_eos` is vLLM's extra field."""
+    """The JSON body of one completions or chat request. `ignore_eos` is vLLM's extra field.
+
+    `prompt` is the text (sent as one user message to chat), or for chat a whole conversation
+    (a list of {"role", "content"} messages: a system prompt, earlier turns).
+    """
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature}
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     elif endpoint == "completions":
+        if not isinstance(prompt, str):
+            raise ValueError("a list of messages needs the chat endpoint")
         body["prompt"] = prompt
     else:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {sorted(ENDPOINT_PATHS)}")
@@ -110,6 +119,7 @@ class RequestTiming:
     token_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server served from its prefix cache
     tokens_from_usage: bool = False
     num_chars: int = 0
 
@@ -122,15 +132,24 @@ class RequestTiming:
 
 
 class StreamRecorder:
-    """Accumulates one streamed response; call feed_line per line, then finish()."""
+    """Accumulates one streamed response; call feed_line per line, then finish().
 
-    def __init__(self, start: float) -> None:
+    keep_text: also keep the generated text (`.text`), e.g. to send it back as the assistant's turn.
+    """
+
+    def __init__(self, start: float, keep_text: bool = False) -> None:
         self.start = start
         self.decoder = SSEDecoder()
         self.timing = RequestTiming(ok=True)
         self.done = False
         self._last: float | None = None
         self._usage: dict[str, Any] | None = None
+        self._parts: list[str] | None = [] if keep_text else None
+
+    @property
+    def text(self) -> str | None:
+        """The text so far (None unless keep_text)."""
+        return None if self._parts is None else "".join(self._parts)
 
     def feed_line(self, line: str, now: float) -> None:
         data = self.decoder.feed(line)
@@ -164,6 +183,8 @@ class StreamRecorder:
         self._last = now
         t.token_times.append(now - self.start)
         t.num_chars += len(text)
+        if self._parts is not None:
+            self._parts.append(text)
 
     def finish(self, now: float, error: str | None = None) -> RequestTiming:
         tail = self.decoder.flush()
@@ -200,3 +221,7 @@ def _apply_usage(t: RequestTiming, usage: dict[str, Any] | None, fallback_tokens
     prompt = (usage or {}).get("prompt_tokens")
     if isinstance(prompt, int):
         t.prompt_tokens = prompt
+    details = (usage or {}).get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and not isinstance(cached, bool):
+        t.cached_tokens = cached

@@ -66,7 +66,8 @@ def build_app(config: ServerConfig):
     metrics = Metrics(name)
     try:
         engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_queued_reqs=config.max_num_queued_reqs,
-                                     max_num_batched_tokens=config.max_num_batched_tokens)
+                                     max_num_batched_tokens=config.max_num_batched_tokens,
+                                     enable_prefix_caching=config.enable_prefix_caching)
         engine = AsyncEngine(loaded.runner, loaded.tokenizer, engine_config, observer=metrics, own_thread=False,
                              step_timeout=config.step_timeout or None)
     except ValueError as e:
@@ -74,9 +75,10 @@ def build_app(config: ServerConfig):
     model = ModelInfo(name=name, max_model_len=engine.config.max_model_len, vocab_size=loaded.runner.vocab_size,
                       root=str(artifact))
     logger.info("serving %s from %s (%s, %s; max_num_seqs=%d, max_model_len=%d, max_num_batched_tokens=%d, "
-                "max_num_queued_reqs=%d)", name, artifact, loaded.manifest.target, loaded.manifest.dtype,
-                engine.config.max_num_seqs, engine.config.max_model_len, engine.config.max_num_batched_tokens,
-                engine.config.max_num_queued_reqs)
+                "max_num_queued_reqs=%d, prefix cache rows=%d)", name, artifact, loaded.manifest.target,
+                loaded.manifest.dtype, engine.config.max_num_seqs, engine.config.max_model_len,
+                engine.config.max_num_batched_tokens, engine.config.max_num_queued_reqs,
+                engine.prefix_cache_rows)
     options = ServingOptions(strict_request_fields=config.strict_request_fields,
                              enable_auto_tool_choice=config.enable_auto_tool_choice,
                              tool_call_parser=config.tool_call_parser)

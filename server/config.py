@@ -88,6 +88,7 @@ class ServerConfig:
     tool_call_parser: str = "hermes"
     strict_request_fields: bool = False
     disable_fastapi_docs: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -143,6 +144,9 @@ _SWITCHES: list[tuple[str, str]] = [
     ("--strict-request-fields", "answer 400 to unknown request fields (OpenAI's behaviour) instead of "
      "ignoring them with a logged warning (vLLM's)"),
     ("--disable-fastapi-docs", "do not serve /docs, /redoc and /openapi.json"),
+    ("--enable-prefix-caching", "reuse the cached K/V of earlier requests for prompts that start with the same "
+     "tokens (a repeated system prompt, a chat's history) in the artifact's prefix-cache rows (compile "
+     "--prefix-cache-rows); outputs are the same either way"),
 ]
 
 

@@ -83,6 +83,19 @@ class Metrics:
         self.structured_output_mask_seconds = histogram(
             "structured_output_mask_seconds", "Computing the token masks of one step's constrained rows.",
             MASK_SECONDS_BUCKETS)
+        # prefix cache, counted in tokens as vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache (admitted requests).")
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache (copied, not prefilled).")
+        self.prefix_cache_stores = counter(
+            "prefix_cache_stores", "Finished sequences whose K/V went into a prefix-cache row.")
+        self.prefix_cache_evictions = counter(
+            "prefix_cache_evictions", "Prefix-cache rows overwritten by another sequence (least recently used).")
+        self.prefix_cache_rows = gauge(
+            "prefix_cache_rows", "Prefix-cache rows holding a cached sequence (Kiln's unit of storage; vLLM's "
+            "is a 16-token block).")
+        self.prefix_cache_tokens = gauge("prefix_cache_tokens", "Tokens held in the prefix cache's rows.")
         self._real = 0
         self._padded = 0
 
@@ -103,6 +116,13 @@ class Metrics:
             self.padding_waste_ratio.labels(name).set(self._padded / (self._real + self._padded))
         if stats.mask_seconds is not None:
             self.structured_output_mask_seconds.labels(name).observe(stats.mask_seconds)
+        if (prefix := stats.prefix_cache) is not None:
+            self.prefix_cache_queries.labels(name).inc(prefix.queries)
+            self.prefix_cache_hits.labels(name).inc(prefix.hits)
+            self.prefix_cache_stores.labels(name).inc(prefix.stores)
+            self.prefix_cache_evictions.labels(name).inc(prefix.evictions)
+            self.prefix_cache_rows.labels(name).set(prefix.rows_used)
+            self.prefix_cache_tokens.labels(name).set(prefix.tokens_cached)
 
     def observe_grammar_compile(self, kind: str, seconds: float) -> None:
         self.grammar_compile_seconds.labels(self.model_name, kind).observe(seconds)

@@ -36,24 +36,65 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     import shutil
 
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
+    if arch == "qwen3":  # Qwen3Config defaults head_dim to 128: hidden / heads unless overridden, as for the others
+        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     with torch.no_grad():  # larger-than-default init so logits have real margins (greedy is not a coin toss)
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones: a swapped or skipped norm shows
+                p.uniform_(0.5, 1.5)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out / f.name)
+    return out
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
+    """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
+    GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
+    q/k need no llama.cpp permutation (qwen2, qwen3)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e4))))
+    adders = {gguf.GGUFValueType.STRING: writer.add_string, gguf.GGUFValueType.UINT32: writer.add_uint32,
+              gguf.GGUFValueType.BOOL: writer.add_bool, gguf.GGUFValueType.ARRAY: writer.add_array}
+    for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items():
+        if name.startswith("tokenizer."):
+            adders[field.types[0]](name, field.contents())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
+    for name, t in load_file(str(Path(hf_dir) / "model.safetensors")).items():
+        writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", t.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return out
 
 

@@ -69,7 +69,7 @@ def platform_target(cfg: CompileConfig) -> Iterator[None]:
 
 def build_module(cfg: CompileConfig, model: ModelConfig, spec: GraphSpec) -> NeuronBucketGraph:
     """Call inside parallel_state(cfg): the parallel layers size themselves from it."""
-    return NeuronBucketGraph(model, spec, cfg.max_num_seqs, cfg.max_model_len, torch_dtype(cfg.dtype),
+    return NeuronBucketGraph(model, spec, cfg.num_cache_rows, cfg.max_model_len, torch_dtype(cfg.dtype),
                              cfg.tp_degree)
 
 

@@ -47,6 +47,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  "self_attn.q_proj.weight": (q_out, hidden), "self_attn.q_proj.bias": (q_out,),
                  "self_attn.k_proj.weight": (kv_out, hidden), "self_attn.k_proj.bias": (kv_out,),
                  "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.v_proj.bias": (kv_out,),
+                 # qk_norm: one [head_dim] weight for every head, replicated on every rank (never sharded)
+                 "self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,),
                  "self_attn.o_proj.weight": (hidden, q_out), "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
                  "mlp.up_proj.weight": (cfg.intermediate_size, hidden), "mlp.down_proj.weight": (hidden, cfg.intermediate_size)}
     fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.head_dim // 2,),

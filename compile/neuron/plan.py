@@ -23,10 +23,10 @@ def read_model_config(checkpoint: str) -> ModelConfig:
     """The ModelConfig from config.json or GGUF metadata alone (no tensors are read)."""
     from transformers import AutoConfig
 
-    from compile.checkpoint import CheckpointError, model_config_from_hf, resolve
+    from compile.checkpoint import CheckpointError, gguf_hf_config, model_config_from_hf, resolve
     path = resolve(checkpoint)
     if path.is_file() and path.suffix == ".gguf":
-        hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = gguf_hf_config(path)
     elif path.is_dir() and (path / "config.json").exists():
         hf = AutoConfig.from_pretrained(str(path))
     else:
@@ -111,7 +111,7 @@ def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
     for name, shape in shapes.items():
         n = math.prod(shape)
         weights += (4 if name == "rope.inv_freq" else size) * (n // tp if tp > 1 and sharded(name) else n)
-    kv = sum(math.prod(shape) for shape in cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp))
+    kv = sum(math.prod(shape) for shape in cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, tp))
     graphs = tuple(GraphAllowance(s.name, NEFF_ALLOWANCE_BYTES, scratch_bytes(s, cfg, model)) for s in tags(cfg))
     return HbmEstimate(weights, kv * size, graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
 
@@ -154,19 +154,22 @@ def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
     from compile.neuron.workers import available_memory_bytes, job_bytes
     est = hbm_per_core(cfg, model)
     tp, size = cfg.tp_degree, BYTES[cfg.dtype]
-    k_shape, _ = cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, tp)
-    verdict = "fits" if est.fits else "DOES NOT FIT: raise --tp-degree or lower --max-num-seqs/--max-model-len"
+    k_shape, _ = cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, tp)
+    verdict = "fits" if est.fits else ("DOES NOT FIT: raise --tp-degree or lower --max-num-seqs/--max-model-len/"
+                                        "--prefix-cache-rows")
     lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}):",
              f"  weights, once per rank, shared by every graph: {est.weights_bytes / GIB:.3f} GiB"
              + (" (projections and lm_head split over tp; embedding, norms, rope replicated)" if tp > 1 else ""),
              f"  KV state, once, shared by every graph: 2 x {'x'.join(map(str, k_shape))} x {size} B = "
-             f"{est.kv_bytes / GIB:.3f} GiB",
+             f"{est.kv_bytes / GIB:.3f} GiB ({cfg.max_num_seqs} sequence slots + {cfg.prefix_cache_rows} prefix-cache "
+             f"rows; each row {est.kv_bytes / cfg.num_cache_rows / 2 ** 20:.1f} MiB)",
              f"  resident (weights + KV): {est.resident_bytes / GIB:.3f} GiB",
              f"  per graph ({len(est.graphs)} graphs): NEFF allowance {mib(NEFF_ALLOWANCE_BYTES)} + scratch "
              f"= {ACTIVATION_BYTES} B x (rows x (2 hidden + 2 intermediate/tp + heads/tp x span) + logit rows x vocab); "
              "summed over graphs, an upper bound"]
+    width = max(len(g.name) for g in est.graphs)
     for g in est.graphs:
-        lines.append(f"    {g.name:<24} {mib(g.neff_bytes)} + {mib(g.scratch_bytes)}")
+        lines.append(f"    {g.name:<{width}} {mib(g.neff_bytes)} + {mib(g.scratch_bytes)}")
     lines.append(f"  graphs together: {est.graphs_bytes / GIB:.3f} GiB")
     lines.append(f"  total: {est.total_gib:.3f} GiB of {est.capacity_gib} GiB: {verdict}")
     workers, free = compile_workers(cfg, model), available_memory_bytes()
@@ -197,9 +200,10 @@ def describe_plan(cfg: CompileConfig) -> str:
         lines.append("weights: kept out of every graph (NxDModel.save(save_weights=False)), bound once by set_weights "
                      + ("from weights/model.safetensors" if cfg.tp_degree == 1 else
                         f"from {cfg.tp_degree} weights/tp_rank_XX.safetensors, sharded once per rank"))
-        k_shape, v_shape = cache_shapes(model, cfg.max_num_seqs, cfg.max_model_len, cfg.tp_degree)
+        k_shape, v_shape = cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, cfg.tp_degree)
         lines.append(f"KV state per core: cache_k {shape_text(k_shape)} and cache_v {shape_text(v_shape)} "
-                     "[layers, slots, kv heads, positions, head_dim]; buffers reassigned in forward, aliased by "
+                     f"[layers, slots ({cfg.max_num_seqs} sequences + {cfg.prefix_cache_rows} prefix-cache rows), kv heads, "
+                     "positions, head_dim]; buffers reassigned in forward, aliased by "
                      "ModelBuilder, never returned to the host")
     else:
         lines.append(f"target: cpu, dtype {cfg.dtype}, torch.export per bucket (weights are graph inputs)")

@@ -18,28 +18,48 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench.config import (
-    BenchConfig, Target, normalize_base_url, parse_concurrency, parse_goodput, parse_rates, parse_target,
+    DATASETS, BenchConfig, Target, normalize_base_url, parse_concurrency, parse_goodput, parse_rates, parse_target,
 )
 from loadtest.bench.cost import DEFAULT_PRICES, resolve_price
-from loadtest.bench.dataset import load_tokenizer, sample_random_requests
+from loadtest.bench.dataset import build_workloads, load_tokenizer
 from loadtest.bench.metrics import RequestRecord
 from loadtest.bench.report import format_result, markdown_report, safe_name, write_json
 from loadtest.bench.runner import BenchError, run_target
 from loadtest.bench.vllm_result import VLLM_VERSION, vllm_result, write_vllm_result
 
 DEFAULT_CONCURRENCY = "1,4,16,32"
+# Per dataset, the defaults of --endpoint, --input-len and --prefix-len: the caching datasets are
+# chat traffic with short user turns, sized so that a 5-turn history fits max_model_len 2048.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "random": {"endpoint": "completions", "input_len": 256, "prefix_len": 0},
+    "shared-prefix": {"endpoint": "chat", "input_len": 50, "prefix_len": 1000},
+    "multiturn": {"endpoint": "chat", "input_len": 50, "prefix_len": 100},
+}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name to send (default: the first id of GET /v1/models)")
-    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default=None,
+                   help="default: completions for random, chat for shared-prefix and multiturn")
     p.add_argument("--no-stream", action="store_true", help="non-streamed requests (TTFT = E2EL; no TPOT/ITL)")
-    p.add_argument("--dataset-name", choices=("random",), default="random")
-    p.add_argument("--input-len", "--random-input-len", type=int, default=256, help="prompt tokens")
+    p.add_argument("--dataset", "--dataset-name", dest="dataset_name", choices=DATASETS, default="random",
+                   help="random: distinct prompts; shared-prefix: one --prefix-len system prompt shared by all "
+                        "requests + a distinct --input-len user turn; multiturn: chat sessions resending their "
+                        "history for --turns turns")
+    p.add_argument("--input-len", "--random-input-len", type=int, default=None,
+                   help="prompt tokens; with shared-prefix and multiturn, of each user turn "
+                        "(default 256; 50 with shared-prefix and multiturn)")
+    p.add_argument("--prefix-len", type=int, default=None,
+                   help="system prompt tokens: shared by every request with shared-prefix (default 1000); "
+                        "each multiturn session's own (default 100; 0: none)")
+    p.add_argument("--turns", type=int, default=5, help="multiturn: user turns per session")
+    p.add_argument("--num-sessions", type=int, default=None,
+                   help="multiturn: sessions per sweep point (default: the largest --concurrency, so that at "
+                        "that point every client runs one session; with no limit, --num-prompts / --turns)")
     p.add_argument("--output-len", "--random-output-len", type=int, default=128, help="max_tokens")
     p.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [L*(1-r), L*(1+r)]")
-    p.add_argument("--num-prompts", type=int, default=100, help="requests per sweep point")
+    p.add_argument("--num-prompts", type=int, default=100, help="requests per sweep point (not multiturn)")
     p.add_argument("--concurrency", "--max-concurrency", default=None,
                    help=f"client concurrency limit(s), comma-separated; 'inf' for none "
                         f"(default {DEFAULT_CONCURRENCY}, or inf with --request-rate)")
@@ -91,10 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> BenchConfig:
     rates = parse_rates(args.request_rate)
     default_conc = "inf" if any(math.isfinite(r) for r in rates) else DEFAULT_CONCURRENCY
+    concurrencies = parse_concurrency(args.concurrency or default_conc)
+    defaults = DATASET_DEFAULTS[args.dataset_name]
+    if args.dataset_name == "random" and args.prefix_len:
+        raise ValueError("--prefix-len needs --dataset shared-prefix or multiturn")
     return BenchConfig(
-        endpoint=args.endpoint, stream=not args.no_stream, input_len=args.input_len, output_len=args.output_len,
+        endpoint=args.endpoint or defaults["endpoint"], stream=not args.no_stream,
+        input_len=_given(args.input_len, defaults["input_len"]), output_len=args.output_len,
         range_ratio=args.range_ratio, num_prompts=args.num_prompts,
-        concurrencies=parse_concurrency(args.concurrency or default_conc), request_rates=rates,
+        dataset=args.dataset_name, prefix_len=_given(args.prefix_len, defaults["prefix_len"]), turns=args.turns,
+        num_sessions=_given(args.num_sessions, _default_sessions(concurrencies, args.num_prompts, args.turns)),
+        concurrencies=concurrencies, request_rates=rates,
         burstiness=args.burstiness, seed=args.seed, ignore_eos=args.ignore_eos, temperature=args.temperature,
         goodput_ms=parse_goodput(args.goodput), percentiles=_percentiles(args.metric_percentiles),
         timeout_s=args.timeout, api_key=args.api_key, extra_body=_extra_body(args.extra_body),
@@ -102,6 +129,17 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         save_detailed=args.save_detailed, write_vllm=not args.no_vllm_result,
         price=resolve_price(args.instance_type, args.cost_per_hour, args.prices),
     )
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _default_sessions(concurrencies: Sequence[int | None], num_prompts: int, turns: int) -> int:
+    """The largest client limit (each client runs one session at a time), or with no limit
+    enough sessions for about --num-prompts requests."""
+    finite = [c for c in concurrencies if c is not None]
+    return max(finite) if finite else max(1, math.ceil(num_prompts / max(turns, 1)))
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
@@ -118,8 +156,7 @@ def _extra_body(text: str) -> dict[str, Any]:
 async def bench(targets: list[Target], cfg: BenchConfig, compare: bool) -> dict[str, list[dict[str, Any]]]:
     """Run every target in turn, print each point, write files; returns results by target name."""
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    requests = sample_random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.range_ratio,
-                                      cfg.seed, tokenizer)
+    workloads = build_workloads(cfg, tokenizer)
     results: dict[str, list[dict[str, Any]]] = {}
 
     def point_done(result: dict[str, Any], records: Sequence[RequestRecord]) -> None:
@@ -130,7 +167,7 @@ async def bench(targets: list[Target], cfg: BenchConfig, compare: bool) -> dict[
 
     for target in targets:
         print(f"benchmarking {target.name} at {target.base_url} ...", flush=True)
-        results[target.name] = await run_target(target, cfg, requests, on_records=point_done)
+        results[target.name] = await run_target(target, cfg, workloads, on_records=point_done)
         if cfg.result_dir:
             write_json(results[target.name], cfg.result_dir, target.name)
     if cfg.result_dir:

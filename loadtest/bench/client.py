@@ -50,7 +50,7 @@ async def send_request_text(
     start = time.perf_counter()
     try:
         if body.get("stream"):
-            recorder = _TextRecorder(start) if keep_text else StreamRecorder(start)
+            recorder = StreamRecorder(start, keep_text=keep_text)
             async with client.stream("POST", path, json=body) as resp:
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")
@@ -58,7 +58,7 @@ async def send_request_text(
                 async for line in resp.aiter_lines():
                     recorder.feed_line(line, time.perf_counter())
             timing = recorder.finish(time.perf_counter())
-            return timing, "".join(recorder.parts) if isinstance(recorder, _TextRecorder) else None
+            return timing, recorder.text
         resp = await client.post(path, json=body)
         now = time.perf_counter()
         if resp.status_code != 200:
@@ -70,20 +70,6 @@ async def send_request_text(
         message = str(e) or type(e).__name__
         error = RequestTiming(ok=False, error=f"{type(e).__name__}: {message}", latency=time.perf_counter() - start)
         return error, None
-
-
-class _TextRecorder(StreamRecorder):
-    """A StreamRecorder that also keeps the text (parses a chunk twice, only when it had text)."""
-
-    def __init__(self, start: float) -> None:
-        super().__init__(start)
-        self.parts: list[str] = []
-
-    def _on_data(self, data: str, now: float) -> None:
-        before = len(self.timing.token_times)
-        super()._on_data(data, now)
-        if len(self.timing.token_times) != before:
-            self.parts.append(choice_text(json.loads(data)))
 
 
 def _http_error(status: int, text: str, start: float) -> RequestTiming:

@@ -11,6 +11,7 @@ from typing import Any
 from loadtest.bench.cost import Price
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
+DATASETS = ("random", "shared-prefix", "multiturn")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """dataset: random (distinct prompts), shared-prefix (a system prompt of prefix_len tokens
+    shared by all requests, then input_len of user turn) or multiturn (num_sessions chat
+    sessions of `turns` turns of input_len tokens, each with a system prompt of prefix_len
+    tokens; at a point of concurrency c, c clients run one session at a time each)."""
+
     endpoint: str = "completions"
     stream: bool = True
     input_len: int = 256
@@ -55,10 +61,23 @@ class BenchConfig:
     save_detailed: bool = False
     price: Price | None = None  # hourly instance price: adds cost per million tokens to results
     write_vllm: bool = True  # with result_dir: also one `vllm bench serve --save-result` file per point
+    dataset: str = "random"
+    prefix_len: int = 0  # shared-prefix: the shared system prompt; multiturn: each session's (0: none)
+    turns: int = 5  # multiturn: user turns per session
+    num_sessions: int = 1  # multiturn: sessions per sweep point
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):
             raise ValueError(f"--endpoint must be completions or chat, got {self.endpoint!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset == "shared-prefix" and self.prefix_len < 1:
+            raise ValueError("--prefix-len must be >= 1 with --dataset shared-prefix")
+        if self.dataset == "multiturn":
+            if self.endpoint != "chat":
+                raise ValueError("--dataset multiturn needs --endpoint chat (a conversation is a list of messages)")
+            if self.prefix_len < 0 or self.turns < 1 or self.num_sessions < 1:
+                raise ValueError("--prefix-len must be >= 0, --turns and --num-sessions >= 1")
         if self.input_len < 1 or self.output_len < 1 or self.num_prompts < 1:
             raise ValueError("--input-len, --output-len and --num-prompts must be >= 1")
         if not 0 <= self.range_ratio < 1:
@@ -84,6 +103,11 @@ class BenchConfig:
         if len(self.concurrencies) == 1 and self.concurrencies[0] is None and math.isfinite(self.request_rates[0]):
             return "request_rate"
         return "concurrency"
+
+    @property
+    def requests_per_point(self) -> int:
+        """Requests each sweep point sends (multiturn: every turn of every session)."""
+        return self.num_sessions * self.turns if self.dataset == "multiturn" else self.num_prompts
 
     @property
     def points(self) -> list[SweepPoint]:

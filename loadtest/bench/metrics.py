@@ -6,6 +6,11 @@
   population standard deviation. All latencies are reported in milliseconds.
 - Goodput: successful requests that meet every given SLO, per second of benchmark duration. A
   request with one output token has TPOT 0 for this purpose (as in vLLM).
+- Prefix cache: total_cached_tokens sums usage.prompt_tokens_details.cached_tokens; the hit ratio
+  is that over the prompt tokens of the same requests (those whose server reported it). Both are
+  null when no request reported it.
+- Multiturn: the same TTFT statistics per turn number (ttft_by_turn), since turn k resends k-1
+  turns of history: with a prefix cache its TTFT should stay near turn 1's, without it grows.
 """
 
 from __future__ import annotations
@@ -35,6 +40,46 @@ class RequestRecord:
     output_len: int
     queue_time: float = 0.0
     text: str | None = None
+    session: int | None = None  # multiturn: the session's index in the sweep point's workload
+    turn: int | None = None  # multiturn: 1 for the first user turn
+
+
+def _prompt_tokens(record: RequestRecord) -> int:
+    t = record.timing
+    return t.prompt_tokens if t.prompt_tokens is not None else record.prompt_len
+
+
+def cache_metrics(ok: Sequence[RequestRecord]) -> dict[str, Any]:
+    """total_cached_tokens, prefix_cache_hit_ratio and cached_tokens_from_usage (how many
+    requests reported cached tokens) of successful requests; see the module docstring."""
+    reported = [r for r in ok if r.timing.cached_tokens is not None]
+    cached = sum(r.timing.cached_tokens or 0 for r in reported)
+    prompt = sum(_prompt_tokens(r) for r in reported)
+    return {
+        "total_cached_tokens": cached if reported else None,
+        "prefix_cache_hit_ratio": (cached / prompt if prompt else 0.0) if reported else None,
+        "cached_tokens_from_usage": len(reported),
+    }
+
+
+def ttft_by_turn(records: Sequence[RequestRecord], percentiles: Sequence[float] = (50, 90, 99)) -> list[dict[str, Any]]:
+    """Per turn number of multiturn records: requests, mean prompt tokens, cache use and TTFT stats (ms)."""
+    out = []
+    for turn in sorted({r.turn for r in records if r.turn is not None}):
+        rs = [r for r in records if r.turn == turn]
+        ok = [r for r in rs if r.timing.ok]
+        entry: dict[str, Any] = {
+            "turn": turn,
+            "completed": len(ok),
+            "failed": len(rs) - len(ok),
+            "mean_input_tokens": sum(_prompt_tokens(r) for r in ok) / len(ok) if ok else None,
+            **cache_metrics(ok),
+        }
+        ttfts = [r.timing.ttft if r.timing.ttft is not None else r.timing.latency for r in ok]
+        for stat, value in summarize_ms(ttfts, percentiles).items():
+            entry[f"{stat}_ttft_ms"] = value
+        out.append(entry)
+    return out
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -99,7 +144,7 @@ def compute_metrics(
     ok = [r for r in records if r.timing.ok]
     failed = [r for r in records if not r.timing.ok]
     timings = [r.timing for r in ok]
-    input_tokens = sum(t.prompt_tokens if t.prompt_tokens is not None else r.prompt_len for r, t in zip(ok, timings))
+    input_tokens = sum(_prompt_tokens(r) for r in ok)
     output_tokens = sum(t.output_tokens for t in timings)
     dur = max(duration_s, 1e-9)
     series = {
@@ -120,9 +165,12 @@ def compute_metrics(
         "total_token_throughput": (input_tokens + output_tokens) / dur,
         "peak_output_throughput": peak_output_throughput(ok) if streamed else None,
         "output_tokens_from_usage": sum(t.tokens_from_usage for t in timings),
+        **cache_metrics(ok),
         "errors": dict(Counter(r.timing.error for r in failed).most_common(5)),
     }
     for name in LATENCY_METRICS:
         for stat, value in summarize_ms(series[name], percentiles).items():
             result[f"{stat}_{name}_ms"] = value
+    if any(r.turn is not None for r in records):
+        result["ttft_by_turn"] = ttft_by_turn(records, percentiles)
     return result

@@ -55,6 +55,12 @@ def format_result(result: Mapping[str, Any], percentiles: Sequence[float]) -> st
     row("Peak output token throughput (tok/s):", result["peak_output_throughput"])
     row("Peak concurrent requests:", result["max_concurrent_requests"])
     row("Total token throughput (tok/s):", result["total_token_throughput"])
+    if result.get("total_cached_tokens") is not None:
+        lines.append(f"{'Prefix cache':-^60}")
+        row("Cached prompt tokens:", result["total_cached_tokens"])
+        row("Prefix cache hit ratio (%):", 100.0 * result["prefix_cache_hit_ratio"])
+        if result["cached_tokens_from_usage"] < result["completed"]:
+            row("Requests that reported cached tokens:", result["cached_tokens_from_usage"])
     if "cost_per_hour" in result:
         sym = currency_symbol(result["currency"])
         lines.append(f"{'Cost at the measured throughput':-^60}")
@@ -72,10 +78,33 @@ def format_result(result: Mapping[str, Any], percentiles: Sequence[float]) -> st
                 continue  # the median, printed above
             key = percentile_key(q)
             row(f"{key.upper()} {name} (ms):", result[f"{key}_{metric}_ms"])
+    if result.get("ttft_by_turn"):
+        lines += format_ttft_by_turn(result["ttft_by_turn"], percentiles)
     for error, count in result["errors"].items():
         lines.append(f"error x{count}: {error}")
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+def _turn_columns(percentiles: Sequence[float]) -> list[tuple[str, str]]:
+    """(header, key) of the per-turn TTFT statistics: mean, then the percentiles (p50 is the median)."""
+    return [("mean", "mean_ttft_ms"), *((percentile_key(q), f"{percentile_key(q)}_ttft_ms") for q in percentiles)]
+
+
+def format_ttft_by_turn(by_turn: Sequence[Mapping[str, Any]], percentiles: Sequence[float]) -> list[str]:
+    """The console table of TTFT per multiturn turn (and the prompt tokens and cache hits behind it)."""
+    cols = _turn_columns(percentiles)
+    cached = any(t["total_cached_tokens"] is not None for t in by_turn)
+    lines = [f"{'TTFT by turn (ms)':-^60}"]
+    head = f"{'turn':>4} {'ok':>4} {'prompt':>7}" + (f" {'hit%':>5}" if cached else "")
+    lines.append(head + "".join(f" {name:>8}" for name, _ in cols))
+    for t in by_turn:
+        line = f"{t['turn']:>4} {t['completed']:>4} {_fmt(t['mean_input_tokens'], 0):>7}"
+        if cached:
+            ratio = t["prefix_cache_hit_ratio"]
+            line += f" {_fmt(None if ratio is None else 100.0 * ratio, 0):>5}"
+        lines.append(line + "".join(f" {_fmt(t[key], 1):>8}" for _, key in cols))
+    return lines
 
 
 def write_json(results: Sequence[Mapping[str, Any]], out_dir: Path, label: str) -> list[Path]:
@@ -100,9 +129,12 @@ def markdown_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]],
     tail = percentile_key(max(percentiles))
     priced = [r for rs in results_by_target.values() for r in rs if "cost_per_hour" in r]
     sym = currency_symbol(priced[0]["currency"]).strip() if priced else "$"
+    cached = any(r.get("total_cached_tokens") is not None for rs in results_by_target.values() for r in rs)
     header = ["target", "concurrency", "rate (req/s)", "ok", "failed", "req/s", "output tok/s", "total tok/s",
               "goodput (req/s)", "TTFT p50 (ms)", f"TTFT {tail}", "TPOT p50 (ms)", f"TPOT {tail}",
               "ITL p50 (ms)", f"ITL {tail}", "E2EL p50 (ms)", f"E2EL {tail}"]
+    if cached:
+        header += ["cached tok", "cache hit %"]
     if priced:
         header += ["instance", f"{sym}/hour", f"{sym}/1M output tok", f"{sym}/1M input tok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -113,6 +145,9 @@ def markdown_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]],
                      r["request_goodput"]]
             for metric in ("ttft", "tpot", "itl", "e2el"):
                 cells += [r[f"median_{metric}_ms"], r[f"{tail}_{metric}_ms"]]
+            if cached:
+                ratio = r.get("prefix_cache_hit_ratio")
+                cells += [r.get("total_cached_tokens"), None if ratio is None else 100.0 * ratio]
             if priced:
                 hourly = f"{r['cost_per_hour']:g}" if "cost_per_hour" in r else "n/a"
                 cells += [r.get("instance_type") or "-", hourly, _money(r.get("cost_per_million_output_tokens")),
@@ -131,8 +166,7 @@ def markdown_report(
         lines += [
             f"- date: {first['date']}; endpoint: {ENDPOINT_PATHS[first['endpoint']]} "
             f"({'streamed' if first['stream'] else 'not streamed'})",
-            f"- random dataset: {first['num_prompts']} prompts per point, input {first['input_len']} / output "
-            f"{first['output_len']} tokens (range ratio {first['range_ratio']}), ignore_eos {first['ignore_eos']}, "
+            f"- {dataset_summary(first)} (range ratio {first['range_ratio']}), ignore_eos {first['ignore_eos']}, "
             f"temperature {first['temperature']}, seed {first['seed']}",
             f"- goodput SLOs (ms): {first['goodput_slos_ms'] or 'none'}",
             *_price_lines(results_by_target),
@@ -141,8 +175,43 @@ def markdown_report(
             "",
         ]
     lines += [markdown_table(results_by_target, percentiles), ""]
+    if any(r.get("ttft_by_turn") for rs in results_by_target.values() for r in rs):
+        lines += ["## TTFT by turn", "", markdown_turn_table(results_by_target, percentiles), ""]
     lines += [f"![{Path(image).stem}]({image})" for image in images]
     return "\n".join(lines) + "\n"
+
+
+def dataset_summary(result: Mapping[str, Any]) -> str:
+    """'random dataset: 100 prompts per point, input 256 / output 128 tokens' and the like."""
+    dataset = result.get("dataset", "random")
+    if dataset == "shared-prefix":
+        return (f"shared-prefix dataset: {result['num_prompts']} prompts per point, a {result['prefix_len']}-token "
+                f"system prompt shared by all + a {result['input_len']}-token user turn / output "
+                f"{result['output_len']} tokens")
+    if dataset == "multiturn":
+        system = f"a {result['prefix_len']}-token system prompt, " if result["prefix_len"] else ""
+        return (f"multiturn dataset: {result['num_sessions']} sessions x {result['turns']} turns per point, "
+                f"{system}user turns of {result['input_len']} / output {result['output_len']} tokens")
+    return (f"random dataset: {result['num_prompts']} prompts per point, input {result['input_len']} / output "
+            f"{result['output_len']} tokens")
+
+
+def markdown_turn_table(results_by_target: Mapping[str, Sequence[Mapping[str, Any]]],
+                        percentiles: Sequence[float]) -> str:
+    """One row per (target, sweep point, turn): mean prompt tokens, cache hits, TTFT statistics."""
+    cols = _turn_columns(percentiles)
+    header = ["target", "concurrency", "rate (req/s)", "turn", "ok", "failed", "mean prompt tok", "cache hit %",
+              *(f"TTFT {name} (ms)" for name, _ in cols)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, results in results_by_target.items():
+        for r in results:
+            for t in r.get("ttft_by_turn") or []:
+                ratio = t["prefix_cache_hit_ratio"]
+                cells = [label, r["concurrency"] or "unlimited", r["request_rate"] or "inf", t["turn"], t["completed"],
+                         t["failed"], t["mean_input_tokens"], None if ratio is None else 100.0 * ratio,
+                         *(t[key] for _, key in cols)]
+                lines.append("| " + " | ".join(_fmt(c, 1) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _money(value: float | None) -> str:

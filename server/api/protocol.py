@@ -598,10 +598,15 @@ class DetokenizeRequest(RequestModel):
 
 # ---- responses (extra fields allowed: they are ours, never parsed from clients) ----
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0   # prompt tokens taken from the prefix cache (OpenAI's and vLLM's field)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogProbs(BaseModel):

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from server.api import errors
 from server.api.chat_template import ChatRenderer
 from server.api.lifecycle import ServerState
-from server.api.protocol import FieldError, UsageInfo, unknown_fields
+from server.api.protocol import FieldError, PromptTokensDetails, UsageInfo, unknown_fields
 from server.api.tool_parsers import get_tool_parser
 from server.engine.structured import GrammarError
 from server.engine.types import (CompletionOutput, EngineDeadError, FinishReason, QueueFullError, RequestOutput,
@@ -91,6 +91,7 @@ class Generation:
         self.request_ids: list[str] = []
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._finished: set[str] = set()
+        self._cached_tokens: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         state.active.add(self)
 
@@ -126,7 +127,13 @@ class Generation:
                 self._note(item)
                 yield i, item
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens the prefix cache supplied, over this generation's prompts."""
+        return sum(self._cached_tokens.values())
+
     def _note(self, out: RequestOutput) -> None:
+        self._cached_tokens[out.request_id] = out.num_cached_tokens
         if out.finished:
             self._finished.add(out.request_id)
         if any(c.finish_reason is FinishReason.ERROR for c in out.outputs):
@@ -248,10 +255,11 @@ class RequestTracker:
         choice.add(out)
         return choice
 
-    def usage(self) -> UsageInfo:
+    def usage(self, num_cached_tokens: int = 0) -> UsageInfo:
         completion = sum(c.num_generated for c in self.choices.values())
         return UsageInfo(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
-                         total_tokens=self.num_prompt_tokens + completion)
+                         total_tokens=self.num_prompt_tokens + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens))
 
     def finish(self) -> None:
         """Fill the log line's outcome (a choice with no finish reason was aborted)."""

@@ -85,7 +85,7 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs=self._logprobs(state.logprobs, request.top_logprobs) if request.logprobs else None,
                 finish_reason=finish, stop_reason=state.stop_reason))
         return ChatCompletionResponse(id=request_id, created=int(time.time()), model=self.model.name,
-                                      choices=choices, usage=tracker.usage())
+                                      choices=choices, usage=tracker.usage(generation.num_cached_tokens))
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, generation: Generation,
                       tracker: RequestTracker, tool_output: ToolCallOutput):
@@ -117,7 +117,7 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=logprobs, finish_reason=finish,
                                              stop_reason=state.stop_reason if finish else None)])
         if request.include_usage:
-            yield chunk([], usage=tracker.usage())
+            yield chunk([], usage=tracker.usage(generation.num_cached_tokens))
 
     def _logprobs(self, logprobs: list[TokenLogprob], top_k: int | None) -> ChatLogProbs:
         content = []

@@ -68,7 +68,7 @@ class OpenAIServingCompletion(OpenAIServing):
             choices.append(CompletionChoice(index=index, text=prefix + "".join(state.text), logprobs=logprobs,
                                             finish_reason=state.finish_reason, stop_reason=state.stop_reason))
         return CompletionResponse(id=request_id, created=int(time.time()), model=self.model.name,
-                                  choices=choices, usage=tracker.usage())
+                                  choices=choices, usage=tracker.usage(generation.num_cached_tokens))
 
     async def _stream(self, request: CompletionRequest, request_id: str, generation: Generation,
                       tracker: RequestTracker, echo: Optional[list[str]]):
@@ -92,7 +92,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                              choices=[choice]))
         if request.include_usage:
             yield sse(CompletionResponse(id=request_id, created=created, model=self.model.name,
-                                         choices=[], usage=tracker.usage()))
+                                         choices=[], usage=tracker.usage(generation.num_cached_tokens)))
 
     def _logprobs(self, logprobs: list[TokenLogprob], offset: int) -> CompletionLogProbs:
         result = CompletionLogProbs()

@@ -67,6 +67,7 @@ class AsyncEngine:
         live stream fails, is_alive() turns false so /health answers 503); None: no limit."""
         self.engine = LLMEngine(runner, tokenizer, config, observer)
         self.config = self.engine.config
+        self.prefix_cache_rows = self.engine.scheduler.prefix.num_rows   # 0: prefix caching off
         self._own_thread = own_thread
         self.step_timeout = step_timeout
         self._step_started: Optional[float] = None     # monotonic start of the step in progress

@@ -28,6 +28,8 @@ class EngineConfig:
     - logprobs_mode: "raw" (log-softmax of the model's logits before penalties, temperature,
       top-k/top-p/min-p: vLLM v1's default `raw_logprobs`, what OpenAI reports) or "processed"
       (log-softmax of the distribution actually sampled from).
+    - enable_prefix_caching: reuse cached K/V of earlier sequences for prompts that start with the
+      same tokens (prefix_cache.py; vLLM's flag); needs the runner's prefix-cache rows.
     """
 
     max_num_seqs: Optional[int] = None
@@ -35,6 +37,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
     logprobs_mode: str = "raw"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         positive = {

@@ -114,6 +114,11 @@ class KVCacheManager:
         self._owners[src] = None
         seq.slot = dst
 
+    def record_copy(self, copy: SlotCopy) -> None:
+        """A copy that must run before the compaction copies recorded after it (a prefix-cache store
+        of a finishing sequence's slot, before another sequence moves into that slot)."""
+        self._pending_copies.append(copy)
+
     def take_copies(self) -> list[SlotCopy]:
         """The compaction copies recorded since the last call, in the order they must run."""
         copies, self._pending_copies = self._pending_copies, []

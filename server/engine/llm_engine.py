@@ -17,6 +17,7 @@ from typing import Optional, Protocol, Sequence as Seq
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import KVCacheManager
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, Sequence
 from server.engine.scheduler import Scheduler
 from server.engine.stop import banned_token_ids, check_stop
@@ -51,7 +52,9 @@ class LLMEngine:
         self.observer = observer
         self.eos_token_ids = tuple(runner.eos_token_ids) or _tokenizer_eos(tokenizer)
         self.kv = KVCacheManager(self.config.max_num_seqs)
-        self.scheduler = Scheduler(self.config, self.kv, runner.chunk_len)
+        rows = runner.prefix_cache_rows if self.config.enable_prefix_caching else 0
+        self.scheduler = Scheduler(self.config, self.kv, runner.chunk_len,
+                                   PrefixCache(first_slot=runner.num_slots, num_rows=rows))
         self.structured = StructuredOutputManager(
             tokenizer, runner.vocab_size, self.eos_token_ids,
             on_compile=observer.observe_grammar_compile if observer is not None else None)
@@ -134,7 +137,7 @@ class LLMEngine:
                 if masks is not None:
                     masks.result()        # the matchers advance only after the worker is done
             runs = result.runs
-            outputs += self._update(seqs, result)
+            outputs += self._update(plan, seqs, result)
             if masks is not None:
                 mask_seconds = masks.seconds
         if runs or outputs:
@@ -148,7 +151,7 @@ class LLMEngine:
                            seed=None if params.seed is None else params.seed + seq.index,
                            banned_token_ids=banned_token_ids(seq, self.eos_token_ids))
 
-    def _update(self, seqs: list[Sequence], result: ExecuteOutput) -> list[RequestOutput]:
+    def _update(self, plan, seqs: list[Sequence], result: ExecuteOutput) -> list[RequestOutput]:
         now = time.monotonic()
         failed = set(result.failed_rows)
         for row, (seq, token_id, logprob) in enumerate(zip(seqs, result.token_ids, result.logprobs, strict=True)):
@@ -157,6 +160,7 @@ class LLMEngine:
                 seq.finish(FinishReason.ERROR)
                 continue
             self._append_token(seq, token_id, logprob, now)
+        self.scheduler.store_prompts(plan.prefills)
         finished = [seq for seq in seqs if seq.is_finished]
         self.scheduler.finish(finished)
         self._released += [sequence_key(seq) for seq in finished]
@@ -205,7 +209,8 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             num_slots_used=self.kv.num_used + self.kv.num_reserved,
             num_slots_total=self.kv.num_slots, step_seconds=time.monotonic() - start,
-            mask_seconds=mask_seconds)
+            mask_seconds=mask_seconds,
+            prefix_cache=self.scheduler.prefix.take_delta() if self.scheduler.prefix.enabled else None)
         if self.observer is not None:
             self.observer.observe_step(self.last_step_stats)
 

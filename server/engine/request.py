@@ -103,6 +103,7 @@ class Request:
         self.params = params
         self.times = RequestTimes(arrival=arrival)
         self.seqs = [Sequence(self, i) for i in range(params.n)]
+        self.num_cached_tokens = 0   # prompt tokens copied from the prefix cache at admission
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, prompt={len(self.prompt_token_ids)}, n={self.n})"
@@ -124,7 +125,8 @@ class Request:
         return RequestOutput(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                              outputs=[seq.take_delta() for seq in seqs],
                              finished=self.is_finished,
-                             times=dataclasses.replace(self.times))
+                             times=dataclasses.replace(self.times),
+                             num_cached_tokens=self.num_cached_tokens)
 
     def stats(self) -> RequestStats:
         reason = self.seqs[0].finish_reason or FinishReason.ABORT

@@ -22,6 +22,13 @@ Rules:
   boundary and it always finishes before the next one starts (see kv_cache.py's layout).
 - A request with n choices is admitted only when n slots are free: choice 0 prefills, the
   others are reserved and receive its cache by copy once its last chunk has run.
+- Prefix cache (prefix_cache.py): at admission the longest cached prefix of the prompt is copied
+  into the new slot (a copy appended to this step's `copies`, after those recorded before it) and
+  only the rest is prefilled, as a chunk after it; only the rest counts against the budget. A
+  prompt's K/V go to a store row once its last chunk has run (store_prompts), and a sequence that
+  finishes with stop or length leaves its outputs' K/V too (a copy recorded before the compaction
+  copies that may reuse its slot). Store copies run at the head of the next step, so a request
+  admitted in the same step as the prompt completes cannot match it yet.
 """
 from __future__ import annotations
 
@@ -32,9 +39,10 @@ from typing import Optional, Sequence as Seq
 
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
+from server.engine.prefix_cache import PrefixCache, PrefixHit
 from server.engine.request import Request, Sequence, SequenceStatus
 from server.engine.structured import TokenMasks
-from server.engine.types import QueueFullError, SamplingRow, SlotCopy
+from server.engine.types import FinishReason, QueueFullError, SamplingRow, SlotCopy
 
 
 @dataclass
@@ -96,8 +104,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, chunk_len: int):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, chunk_len: int,
+                 prefix: Optional[PrefixCache] = None):
         assert config.is_resolved, "resolve the EngineConfig against the runner first"
+        self.prefix = prefix or PrefixCache(first_slot=kv.num_slots, num_rows=0)
         self.max_num_queued_reqs = config.max_num_queued_reqs
         self.token_budget = config.max_num_batched_tokens
         self.chunk_len = chunk_len      # tokens of a later chunk (runner.chunk_len)
@@ -137,22 +147,43 @@ class Scheduler:
             if seq is None:
                 if not self.waiting or not self.kv.can_allocate(self.waiting[0].n):
                     break
-                if prefills and self.waiting[0].num_prompt_tokens > budget:
+                request = self.waiting[0]
+                hit = self.prefix.lookup(request.prompt_token_ids)
+                if prefills and request.num_prompt_tokens - (hit.length if hit else 0) > budget:
                     break   # whole prompts only after the first (see the module docstring)
-                seq = self._admit(self.waiting.popleft())
+                seq = self._admit(self.waiting.popleft(), hit, copies)
             limit = budget if seq.num_computed_tokens == 0 else min(budget, self.chunk_len)
             chunk = self._next_chunk(seq, limit)
             budget -= len(chunk.token_ids)
             prefills.append(chunk)
         return SchedulerOutput(copies=copies, decode=decode, prefills=prefills)
 
+    def store_prompts(self, prefills: Seq[PrefillChunk]) -> None:
+        """After a step ran: keep the K/V of the prompts it completed in the prefix cache, so requests
+        admitted from the next step on find them (the sequence's finish stores its outputs too)."""
+        for chunk in prefills:
+            seq = chunk.seq
+            if chunk.is_last and seq.slot is not None and seq.finish_reason is not FinishReason.ERROR:
+                self._store(seq.prompt_token_ids, seq.slot)
+
     def finish(self, seqs: Seq[Sequence]) -> None:
-        """Free the slots of finished sequences (their status already says FINISHED)."""
+        """Free the slots of finished sequences (their status already says FINISHED), keeping the K/V of
+        those that ended normally in the prefix cache."""
+        for seq in seqs:
+            if seq.slot is not None and seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                # positions < num_computed_tokens are in the cache: the prompt, then every output but the last
+                self._store((seq.prompt_token_ids + seq.output_token_ids)[:seq.num_computed_tokens], seq.slot)
         self.kv.free(seqs)
         for seq in seqs:
             request = seq.request
             if request.is_finished:
                 self.running.pop(request.request_id, None)
+
+    def _store(self, tokens: list[int], slot: int) -> None:
+        # recorded now, run at the head of the next plan: after this step's graphs wrote the K/V, before
+        # any compaction copy recorded later moves another sequence into the slot
+        if copy := self.prefix.store(tokens, slot):
+            self.kv.record_copy(copy)
 
     def abort(self, request: Request) -> None:
         """Drop a request wherever it is: waiting, prefilling, or decoding."""
@@ -170,10 +201,15 @@ class Scheduler:
         self.kv.free([seq for seq in request.seqs if seq.slot is not None])
         self.running.pop(request.request_id, None)
 
-    def _admit(self, request: Request) -> Sequence:
+    def _admit(self, request: Request, hit: Optional[PrefixHit], copies: list[SlotCopy]) -> Sequence:
         head = request.seqs[0]
         self.kv.allocate(head, num_reserved=request.n - 1)
         head.status = SequenceStatus.PREFILLING
+        if self.prefix.enabled:
+            self.prefix.record_query(request.num_prompt_tokens, hit)
+        if hit is not None:
+            copies.append(SlotCopy(hit.slot, head.slot, hit.length))
+            head.num_computed_tokens = request.num_cached_tokens = hit.length
         request.times.scheduled = time.monotonic()
         self.running[request.request_id] = request
         self.prefilling = head

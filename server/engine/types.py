@@ -174,6 +174,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     times: Optional[RequestTimes] = None
+    num_cached_tokens: int = 0             # prompt tokens taken from the prefix cache, not prefilled
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,19 @@ class BucketRun:
 
 
 @dataclass
+class PrefixCacheStats:
+    """The prefix cache's counters (tokens, as vLLM counts them) and what it holds."""
+
+    queries: int = 0          # prompt tokens of admitted requests, looked up
+    hits: int = 0             # of them, tokens found cached (not prefilled)
+    stores: int = 0           # sequences whose K/V went into a store row
+    evictions: int = 0        # rows overwritten by an unrelated sequence (least recently used)
+    rows_used: int = 0
+    rows_total: int = 0
+    tokens_cached: int = 0
+
+
+@dataclass
 class StepStats:
     """Accounting for one engine step (feeds Prometheus and the benchmarks)."""
 
@@ -233,6 +247,7 @@ class StepStats:
     num_slots_total: int
     step_seconds: float
     mask_seconds: Optional[float] = None   # token masks of structured outputs (None: none this step)
+    prefix_cache: Optional[PrefixCacheStats] = None   # this step's increments, rows held now (None: off)
 
     @property
     def padding_waste(self) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,19 +43,28 @@ class BucketedRunner(PlanExecutor):
         self.kv_buckets = tuple(manifest.buckets["kv"])
         self.eos_token_ids = tuple(self.model.eos_token_ids)
         self.specs = [GraphSpec.from_dict(g) for g in manifest.graphs]
-        self.chunk_spec: Optional[GraphSpec] = next((s for s in self.specs if s.kind == "prefill_chunk"), None)
+        self.chunk_specs = sorted(self.of_kind("prefill_chunk"), key=lambda s: (s.seq_len, s.kv_len))
         # tokens a later chunk of a long prompt may have (the scheduler cuts long prompts to it)
-        self.chunk_len = self.chunk_spec.seq_len if self.chunk_spec else self.context_buckets[-1]
+        self.chunk_len = max((s.seq_len for s in self.chunk_specs), default=self.context_buckets[-1])
+        # KV rows past num_slots that the prefix cache stores finished sequences in (cache rows
+        # num_slots .. num_slots + prefix_cache_rows - 1); none without chunk graphs to resume a prompt.
+        self.prefix_cache_rows = manifest.prefix_cache_rows if self.chunk_specs else 0
 
     def of_kind(self, kind: str) -> list[GraphSpec]:
         return [s for s in self.specs if s.kind == kind]
 
+    @property
+    def num_cache_rows(self) -> int:
+        return self.num_slots + self.prefix_cache_rows
+
     def prefill_spec(self, n: int, start_pos: int) -> GraphSpec:
-        """The one-prompt graph for n prompt tokens starting at start_pos."""
+        """The one-prompt graph for n prompt tokens starting at start_pos (a chunk graph, with the smallest
+        chunk and then the smallest past span that hold them, when start_pos > 0)."""
         if start_pos > 0:
-            if self.chunk_spec is None or n > self.chunk_spec.seq_len or start_pos + n > self.max_model_len:
-                raise ValueError(f"a chunk of {n} tokens at {start_pos} does not fit the chunk graph")
-            return self.chunk_spec
+            fitting = [s for s in self.chunk_specs if s.seq_len >= n and s.kv_len >= start_pos]
+            if not fitting or start_pos + n > self.max_model_len:
+                raise ValueError(f"a chunk of {n} tokens at {start_pos} does not fit the chunk graphs")
+            return fitting[0]
         fitting = [s for s in self.of_kind("prefill") if s.seq_len >= n]
         if not fitting:
             raise ValueError(f"a prefill of {n} tokens does not fit the buckets")
@@ -80,6 +89,10 @@ class BucketedRunner(PlanExecutor):
             outputs = call()
         return outputs, BucketRun(kind, name, real, computed - real, time.perf_counter() - start)
 
+    def run_chunk(self, spec: GraphSpec, chunk) -> RunnerOutput:
+        """One chunk with start_pos > 0 on the chunk graph `spec` (prefill_spec picks it when serving)."""
+        raise NotImplementedError
+
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int = 0) -> RunnerOutput:
         """One prompt chunk alone: logits [1, V] of its last token."""
         return self.run_prefill([Chunk(slot, list(token_ids), start_pos)])
@@ -89,7 +102,7 @@ class BucketedRunner(PlanExecutor):
         if spec.kind == "prefill":
             self.prefill(0, [0] * spec.seq_len)
         elif spec.kind == "prefill_chunk":
-            self.prefill(0, [0] * spec.seq_len, self.max_model_len - spec.seq_len)
+            self.run_chunk(spec, Chunk(0, [0] * spec.seq_len, min(spec.kv_len, self.max_model_len - spec.seq_len)))
         elif spec.kind == "decode":
             self.decode([0] * spec.batch, [min(spec.kv_len, self.max_model_len - 1)] * spec.batch)
 

@@ -46,7 +46,7 @@ class CpuRunner(BucketedRunner):
         self.packed = sorted(self.of_kind("prefill_packed"), key=lambda s: s.seq_len)
         m = self.model
         # [L, slots, kv_heads, max_len, head_dim] for both: see compile/model.py
-        shape = (m.num_layers, self.num_slots, m.num_kv_heads, self.max_model_len, m.head_dim)
+        shape = (m.num_layers, self.num_cache_rows, m.num_kv_heads, self.max_model_len, m.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
@@ -71,7 +71,7 @@ class CpuRunner(BucketedRunner):
 
     def run_prefill(self, chunks: Sequence) -> RunnerOutput:
         if len(chunks) == 1 and chunks[0].start_pos > 0:
-            return self._prefill_chunk(chunks[0])
+            return self.run_chunk(self.prefill_spec(len(chunks[0].token_ids), chunks[0].start_pos), chunks[0])
         if any(c.start_pos != 0 for c in chunks):
             raise ValueError("only whole prompts (first chunks) can be packed")
         lengths = [len(c.token_ids) for c in chunks]
@@ -98,12 +98,11 @@ class CpuRunner(BucketedRunner):
             offset += n
         return RunnerOutput(logits=logits[:len(chunks)], run=run)
 
-    def _prefill_chunk(self, chunk) -> RunnerOutput:
-        n, slot, start = len(chunk.token_ids), chunk.slot, chunk.start_pos
-        spec = self.prefill_spec(n, start)
+    def run_chunk(self, spec: GraphSpec, chunk) -> RunnerOutput:
+        n, slot, start, past = len(chunk.token_ids), chunk.slot, chunk.start_pos, spec.kv_len
         (logits, new_k, new_v), run = self._run(
             "prefill_chunk", spec, n, spec.seq_len, self.padded(chunk.token_ids, spec.seq_len), torch.tensor(start),
-            torch.tensor(n - 1), self.k_cache[:, slot], self.v_cache[:, slot])
+            torch.tensor(n - 1), self.k_cache[:, slot, :, :past], self.v_cache[:, slot, :, :past])
         self.k_cache[:, slot, :, start:start + n] = new_k[:, :, :n]
         self.v_cache[:, slot, :, start:start + n] = new_v[:, :, :n]
         return RunnerOutput(logits=logits, run=run)

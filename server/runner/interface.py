@@ -9,7 +9,8 @@ runs, in this order: the plan's slot copies; one decode graph for slots 0..d-1; 
 chunks (a target may pack several prompts into one graph call), each chunk that completes a
 prompt followed by copies of its slot into `fork_slots`; then the sampler over the logits of
 plan.sampling_rows. Slot discipline (why decode takes no slot list): the cache is `num_slots`
-rows and a decode batch of n sequences is always slots 0..n-1, so the graph reads a *view* of
+rows (then the prefix cache's store rows, which only slot copies touch) and a decode batch of n
+sequences is always slots 0..n-1, so the graph reads a *view* of
 the cache with no gather copy (docs/benchmarks.md, "Design measurements").
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ModelRunner(Protocol):
     batch_buckets: tuple[int, ...]      # decode batch sizes, ascending
     kv_buckets: tuple[int, ...]         # decode attention spans, ascending
     eos_token_ids: tuple[int, ...]
+    prefix_cache_rows: int              # cache rows num_slots.. kept for the prefix cache (0: none)
 
     def execute(self, plan) -> ExecuteOutput:
         """Run one SchedulerOutput (see the module docstring); returns one token per sampling row."""

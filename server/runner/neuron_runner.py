@@ -130,8 +130,12 @@ class NeuronRunner(BucketedRunner):
     def run_prefill(self, chunks: Sequence) -> RunnerOutput:
         """One prompt chunk per call (the neuron graphs take one sequence; see prefill_groups)."""
         (chunk,) = chunks
+        return self.run_chunk(self.prefill_spec(len(chunk.token_ids), chunk.start_pos), chunk)
+
+    def run_chunk(self, spec, chunk) -> RunnerOutput:
+        """A whole prompt on its prefill graph, or a later chunk on a chunk graph (the graph slices the past
+        span it reads from the shared state: compile/neuron/graphs.py)."""
         n, start = len(chunk.token_ids), chunk.start_pos
-        spec = self.prefill_spec(n, start)
         # start_pos, last_index, slot as [1] tensors, the traced shapes (compile/neuron/graphs.py)
         scalars = tuple(torch.tensor([v], dtype=torch.int64) for v in (start, n - 1, chunk.slot))
         ids = self.padded(chunk.token_ids, spec.seq_len)

@@ -143,8 +143,23 @@ def test_loader_returns_runner_bound_to_one_weight_copy(tiny_artifact):
     loaded = load_artifact(tiny_artifact)
     runner = loaded.runner
     assert {spec.name for spec in runner.graphs} == {g["name"] for g in loaded.manifest.graphs}
-    assert runner.k_cache.shape[1] == loaded.manifest.max_num_seqs
+    assert runner.k_cache.shape[1] == loaded.manifest.max_num_seqs + loaded.manifest.prefix_cache_rows
     assert loaded.tokenizer.chat_template
+
+
+def test_cpu_chunk_graphs_are_picked_by_chunk_size_then_past_span(tiny_artifact):
+    """The tiny cpu artifact has chunk graphs s64 at spans 64 and 128: the rest of a prompt after a
+    prefix-cache hit runs on the smallest span that holds its past (positions < start_pos)."""
+    from compile.manifest import Manifest
+    from server.runner.bucketed import BucketedRunner
+    runner = BucketedRunner(Manifest.read(tiny_artifact))
+    assert [s.name for s in runner.chunk_specs] == ["prefill_chunk_s64_p64", "prefill_chunk_s64_p128"]
+    assert runner.prefill_spec(10, 30).name == "prefill_chunk_s64_p64"
+    assert runner.prefill_spec(10, 64).name == "prefill_chunk_s64_p64"
+    assert runner.prefill_spec(10, 65).name == "prefill_chunk_s64_p128"
+    for n, start in ((65, 10), (20, 110)):
+        with pytest.raises(ValueError, match="does not fit the chunk graphs"):
+            runner.prefill_spec(n, start)
 
 
 def test_recompile_same_inputs_is_a_noop(tiny_llama_dir, tiny_artifact):

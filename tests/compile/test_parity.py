@@ -31,6 +31,10 @@ VARIANTS = {
     "qwen2-bias-tied": ("qwen2", {}, "auto"),
     "qwen2-bias-untied-portable": ("qwen2", dict(tie_word_embeddings=False), "portable"),
     "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False), "auto"),
+    # Qwen3: q/k norms per head; head_dim 32 where hidden / heads is 16 (q_proj is then wider than hidden)
+    "qwen3-qk-norm-tied": ("qwen3", {}, "auto"),
+    "qwen3-head-dim-32-untied": ("qwen3", dict(head_dim=32, tie_word_embeddings=False), "auto"),
+    "qwen3-head-dim-32-tied-portable": ("qwen3", dict(head_dim=32), "portable"),
 }
 
 
@@ -57,6 +61,52 @@ def test_greedy_tokens_and_logits_match_transformers(variant, length):
     assert ours == ref
     rel = (our_logits - ref_logits).abs().max() / ref_logits.abs().max()
     assert rel < 1e-4, f"float32 logits differ by {rel:.2e} relative"
+
+
+def test_qwen3_config_reading_and_sliding_window_refusal():
+    """Qwen3's config in our terms (from model_type alone too, as GGUF configs come); a sliding window is taken
+    only where transformers applies it to every layer, a partial one is a one-line refusal; a manifest written
+    before qk_norm existed reads as qk_norm False."""
+    from transformers import Qwen3Config
+
+    from compile.checkpoint import CheckpointError, model_config_from_hf
+    from compile.model import ModelConfig, weight_names
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, vocab_size=256)
+    cfg = model_config_from_hf(Qwen3Config(**base))  # no `architectures`: model_type "qwen3"
+    assert (cfg.architecture, cfg.head_dim, cfg.qk_norm, cfg.attention_bias) == ("Qwen3ForCausalLM", 32, True, False)
+    assert cfg.sliding_window is None
+    assert "model.layers.3.self_attn.k_norm.weight" in weight_names(cfg)
+    assert "model.layers.0.self_attn.q_proj.bias" not in weight_names(cfg)
+    assert model_config_from_hf(Qwen3Config(**base, attention_bias=True)).attention_bias
+    every = Qwen3Config(**base, use_sliding_window=True, sliding_window=24, max_window_layers=0)
+    assert model_config_from_hf(every).sliding_window == 24
+    none = Qwen3Config(**base, use_sliding_window=True, sliding_window=24, max_window_layers=4)
+    assert model_config_from_hf(none).sliding_window is None  # max_window_layers >= layers: no layer slides
+    with pytest.raises(CheckpointError) as err:
+        model_config_from_hf(Qwen3Config(**base, use_sliding_window=True, sliding_window=24, max_window_layers=1))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("Qwen3ForCausalLM with a sliding window on 3 of 4 layers")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "qk_norm"}
+    assert ModelConfig.from_dict({**old, "architecture": "Qwen2ForCausalLM"}).qk_norm is False
+
+
+def test_qwen3_gguf_reads_as_its_hf_folder(tmp_path, smollm2_tokenizer_dir):
+    """A Qwen3 GGUF (llama.cpp's `qwen3`) gives the folder's config and the very same weights, head_dim included:
+    transformers reads no head_dim for qwen3 (its default is 128); Kiln takes the file's attention.key_length."""
+    from compile.checkpoint import load_checkpoint
+    from compile.neuron.plan import read_model_config
+    from tiny_models import write_tiny_gguf
+    folder = make_tiny_checkpoint(tmp_path / "hf", smollm2_tokenizer_dir, "qwen3", head_dim=32,
+                                  tie_word_embeddings=False)
+    gguf_file = write_tiny_gguf(folder, tmp_path / "tiny-qwen3.gguf")
+    hf, ours = load_checkpoint(str(folder), torch.float32), load_checkpoint(str(gguf_file), torch.float32)
+    eps = hf.config.rms_norm_eps
+    assert ours.config.rms_norm_eps == pytest.approx(eps, rel=1e-6)  # a float32 in the file
+    assert ours.config.to_dict() == {**hf.config.to_dict(), "rms_norm_eps": ours.config.rms_norm_eps}
+    assert ours.config.head_dim == 32 and read_model_config(str(gguf_file)).head_dim == 32
+    assert ours.weights.keys() == hf.weights.keys()
+    assert all(torch.equal(ours.weights[n], t) for n, t in hf.weights.items())
 
 
 def test_batched_decode_rows_equal_single_rows(tiny_artifact):

@@ -31,7 +31,8 @@ class FakeRunner(PlanExecutor):
     def __init__(self, num_slots: int = 4, max_model_len: int = 64, vocab_size: int = 32,
                  context_buckets: tuple[int, ...] = (8, 16), batch_buckets: tuple[int, ...] = (1, 2, 4),
                  kv_buckets: tuple[int, ...] = (16, 32, 64), eos_token_ids: tuple[int, ...] = (0,),
-                 logits_fn: Optional[Callable[[list[int]], torch.Tensor]] = None, pack: int = 1):
+                 logits_fn: Optional[Callable[[list[int]], torch.Tensor]] = None, pack: int = 1,
+                 prefix_cache_rows: int = 0):
         super().__init__()
         self.pack = pack
         self.warmed_up = False
@@ -44,7 +45,8 @@ class FakeRunner(PlanExecutor):
         self.kv_buckets = kv_buckets
         self.eos_token_ids = eos_token_ids
         self.logits_fn = logits_fn or (lambda tokens: hashed_logits(tokens, vocab_size))
-        self.cache: list[list[int]] = [[] for _ in range(num_slots)]
+        self.prefix_cache_rows = prefix_cache_rows
+        self.cache: list[list[int]] = [[] for _ in range(num_slots + prefix_cache_rows)]
         self.calls: list[tuple] = []
         self.fail_on_decode = False
 
@@ -103,7 +105,8 @@ class FakeRunner(PlanExecutor):
         return RunnerOutput(torch.stack([self.logits_fn(self.cache[i]) for i in range(n)]), run)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        assert src != dst and 0 <= src < self.num_slots and 0 <= dst < self.num_slots
+        rows = self.num_slots + self.prefix_cache_rows
+        assert src != dst and 0 <= src < rows and 0 <= dst < rows
         assert len(self.cache[src]) >= length, (src, len(self.cache[src]), length)
         self.cache[dst] = self.cache[src][:length]
         self.calls.append(("copy", src, dst, length))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from loadtest.bench.config import BenchConfig, Target
-from loadtest.bench.dataset import sample_random_requests
+from loadtest.bench.dataset import build_workloads, sample_random_requests
 from loadtest.bench.runner import run_target
 
 READY_TIMEOUT_S = 180
@@ -88,3 +88,17 @@ def test_bench_against_kiln_with_ignore_eos(kiln_server: str) -> None:
     assert result["output_tokens_from_usage"] == 4
     assert result["total_input_tokens"] == 4 * 16  # each word is one SmolLM2 token
     assert result["median_ttft_ms"] > 0 and result["median_tpot_ms"] > 0
+
+
+def test_multiturn_bench_against_kiln(kiln_server: str) -> None:
+    # 3 turns of history (system 8 + 3 x 6 user + 2 x 4 reply tokens, plus the template) fit max_model_len 128
+    cfg = BenchConfig(dataset="multiturn", endpoint="chat", prefix_len=8, input_len=6, output_len=4, turns=3,
+                      num_sessions=2, concurrencies=(2,), ignore_eos=True)
+    (result,) = asyncio.run(run_target(Target("kiln", kiln_server), cfg, build_workloads(cfg)))
+    assert (result["completed"], result["failed"]) == (6, 0), result["errors"]
+    turns = result["ttft_by_turn"]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and all(t["completed"] == 2 for t in turns)
+    prompts = [t["mean_input_tokens"] for t in turns]
+    assert prompts[0] < prompts[1] < prompts[2]  # the server saw the history grow, its replies included
+    if result["total_cached_tokens"] is not None:  # Kiln reports usage.prompt_tokens_details.cached_tokens
+        assert 0 <= result["prefix_cache_hit_ratio"] <= 1

@@ -50,8 +50,14 @@ def test_every_tp_builds_one_nxd_model_with_a_tag_per_bucket_over_shared_state(
     traces = rec.of("ModelBuilder.trace")
     assert [t["tag"] for t in traces] == [s.name for s in specs]
     assert [t["spec"] for t in traces] == specs  # each tag traced the graph it is named after
-    slots, max_len = neuron_settings["max_num_seqs"], neuron_settings["max_model_len"]
-    local = [model.num_layers, slots, model.num_kv_heads // tp, max_len, model.head_dim]
+    # the chunk graph: chunk_len 64 (neuron's small chunk, 128, is not below it) at neuron's one past span
+    assert [s.name for s in specs if s.kind == "prefill_chunk"] == ["prefill_chunk_s64_p128"]
+    # the KV state's rows: the sequence slots, then the prefix cache's store rows (only copy_slot touches them)
+    rows = cfg.num_cache_rows
+    assert rows == neuron_settings["max_num_seqs"] + cfg.prefix_cache_rows and cfg.prefix_cache_rows > 0
+    assert manifest.prefix_cache_rows == cfg.prefix_cache_rows
+    max_len = neuron_settings["max_model_len"]
+    local = [model.num_layers, rows, model.num_kv_heads // tp, max_len, model.head_dim]
     for spec, t in zip(specs, traces):
         assert t["tp"] == tp and t["input_shapes"] == input_shapes(spec)
         assert all(d == torch.int64 for d in t["input_dtypes"])

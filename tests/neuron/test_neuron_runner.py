@@ -153,22 +153,32 @@ def test_device_memory_is_weights_once_and_kv_once(tp1_artifact, neuron_double_i
 
 @pytest.mark.slow
 def test_smollm2_default_plan_holds_weights_once_and_kv_once(neuron_double_installed, tmp_path):
-    """The SmolLM2 checkpoint with the default buckets (30 graphs and the copy tag): resident bytes on
-    the core are its weights once and its KV state once (about 1 GiB), not once per graph."""
-    from compile.config import CompileConfig
+    """The SmolLM2 checkpoint with the default buckets and neuron's default prefix-cache rows (32 graphs and the
+    copy tag): resident bytes on the core are its weights once and its KV state once (16 sequence slots and
+    4 store rows, about 1.2 GiB together), not once per graph."""
+    from compile.config import NEURON_PREFIX_CACHE_ROWS, CompileConfig
     from compile.export import build_artifact
     from compile.neuron.plan import hbm_per_core
     rec = neuron_double_installed
     rec.execute_traces = False  # shapes only: thirty full-size eager traces would take minutes
     cfg = CompileConfig(checkpoint="smollm2-135m-instruct", target="neuron", neuron_target="inf2")
+    assert cfg.prefix_cache_rows == NEURON_PREFIX_CACHE_ROWS  # the target's default, as `python -m compile` makes
     build_artifact(cfg, tmp_path / "smollm2", progress=False)
-    open_runner(tmp_path / "smollm2")
-    est = hbm_per_core(cfg, ModelConfig.from_dict(Manifest.read(tmp_path / "smollm2").model))
-    assert len(est.graphs) == 31
+    runner = open_runner(tmp_path / "smollm2")
+    model = ModelConfig.from_dict(Manifest.read(tmp_path / "smollm2").model)
+    est = hbm_per_core(cfg, model)
+    # 5 prefills, chunks of 128 and 512 tokens over neuron's one past span (2048), 5 x 5 decodes, copy
+    names = [g.name for g in est.graphs]
+    assert len(names) == 5 + 2 + 25 + 1
+    assert [n for n in names if n.startswith("prefill_chunk")] == ["prefill_chunk_s128_p2048",
+                                                                   "prefill_chunk_s512_p2048"]
+    assert (runner.num_slots, runner.prefix_cache_rows, runner.num_cache_rows) == (16, 4, 20)
+    row = 2 * model.num_layers * model.num_kv_heads * cfg.max_model_len * model.head_dim * 2  # K and V, bf16
+    assert est.kv_bytes == 20 * row  # 45 MiB a row
     held = rec.device.by_core[0]
     assert held["weights"] == est.weights_bytes and held["state"] == est.kv_bytes
     assert rec.device.resident(0) - held["neff"] == est.resident_bytes
-    assert est.resident_bytes < 1.1 * 2 ** 30  # one graph's worth: 269 MB of weights + 755 MB of KV
+    assert est.resident_bytes < 1.2 * 2 ** 30  # one graph's worth: 326 MB of weights + 944 MB of KV
 
 
 def test_tp2_runner_loads_one_nxd_model_with_per_rank_weights(neuron_double_installed, tiny_llama_dir,

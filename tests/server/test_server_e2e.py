@@ -168,6 +168,33 @@ def test_metrics_counters_move_by_exactly_the_requests(server, client, smollm2_t
     assert documented <= exported | {n.removesuffix("_total") for n in exported}, documented - exported
 
 
+def test_a_resent_chat_history_reports_cached_tokens_and_prefix_cache_metrics(server, client, smollm2_tokenizer):
+    """Turn 2 resends turn 1 (system, user, the reply): the cache supplies at least turn 1's prompt, usage says
+    how much (prompt_tokens_details.cached_tokens, as OpenAI and vLLM report it) and the counters agree."""
+    system = {"role": "system", "content": "You are a terse assistant who answers about pottery kilns. " * 3}
+    history = [system, {"role": "user", "content": "What is a kiln?"}]
+    before = server.metrics()
+    first = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And a glaze?"}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=history, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    usage = [c.usage for c in chunks if c.usage is not None][-1]
+    turn1_prompt = len(chat_prompt_ids(smollm2_tokenizer, history[:2]))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert turn1_prompt <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    after = wait_until(lambda: (m := server.metrics()).get("kiln:prefix_cache_hits_total")
+                       - before.get("kiln:prefix_cache_hits_total") > 0 and m)
+    assert after, "the hit should be counted"
+    assert (after.get("kiln:prefix_cache_hits_total") - before.get("kiln:prefix_cache_hits_total")
+            == usage.prompt_tokens_details.cached_tokens)
+    assert (after.get("kiln:prefix_cache_queries_total") - before.get("kiln:prefix_cache_queries_total")
+            == first.usage.prompt_tokens + usage.prompt_tokens)
+    assert after.get("kiln:prefix_cache_rows") >= 1 and after.get("kiln:prefix_cache_tokens") >= turn1_prompt
+
+
 def server_docs_metric_names() -> set[str]:
     from server_harness import REPO_ROOT
     import re

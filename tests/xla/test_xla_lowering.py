@@ -6,12 +6,14 @@ its cache buffers shared by every tag, as ModelBuilder shares state) is lowered 
 on its CPU backend, with neuronx-distributed's parallel layers at world size 1 (the test double's,
 which are plain linears there). It shows, per graph:
 1. every bucket lowers to one static graph, compiled once, and a second mixed workload (prefills in
-   two buckets, a chunked prompt, decodes whose batch and span change, slot copies) compiles nothing;
+   two buckets, chunked prompts and prefix-cache resumes on chunk graphs of two sizes over two past
+   spans, decodes whose batch and span change, slot copies into and out of a prefix-cache store row
+   past the sequence slots) compiles nothing;
 2. the HLO has no f64, and no -inf constant except as a max-reduction's start value (softmax's own);
 3. every scatter/gather index operand is bounded by the bucket's own K/V size (L x KV x rows x D,
    rows = S, B or one slot's positions), never L x KV x max_len x D per write (NEURON.md §12);
 4. the greedy tokens equal the cpu target's math (compile.model run eagerly with the cache written
-   outside the graph, as CpuRunner does).
+   outside the graph, as CpuRunner does), and only slot copies write the store rows.
 
 Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv
 (.ci/run does). Skipped wherever torch_xla is not importable (the main environment).
@@ -46,8 +48,19 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=6
                   rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
                   sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
-SPECS = [GraphSpec("prefill", seq_len=s) for s in CONTEXT] + [GraphSpec("prefill_chunk", seq_len=32, kv_len=MAX_LEN)] + [
+# prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
+STORE = 2
+ROWS = SLOTS + STORE
+# prefill_chunk graphs: a small chunk and chunk_len (CONTEXT[-1]), each over the past spans >= chunk_len
+CHUNKS, PASTS = (16, 32), (32, 64)
+SPECS = [GraphSpec("prefill", seq_len=s) for s in CONTEXT] + [
+    GraphSpec("prefill_chunk", seq_len=s, kv_len=p) for s in CHUNKS for p in PASTS] + [
     GraphSpec("decode", batch=b, kv_len=k) for b in (1, 2, 4) for k in (32, 64)] + [COPY_SLOT]
+
+
+def chunk_shape(n: int, start: int) -> tuple[int, int]:
+    """As BucketedRunner.prefill_spec picks: the smallest chunk holding n, then the smallest span holding start."""
+    return next(c for c in CHUNKS if c >= n), next(p for p in PASTS if p >= start)
 
 
 def random_weights() -> dict[str, torch.Tensor]:
@@ -69,11 +82,11 @@ class CpuReference:
 
     def __init__(self, weights):
         self.w = Weights(CFG, [weights[n] for n in weight_names(CFG)])
-        self.k = torch.zeros(CFG.num_layers, SLOTS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
-        self.v = torch.zeros(CFG.num_layers, SLOTS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
+        self.k = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
+        self.v = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
 
     def prefill(self, slot, ids, start):
-        n, s = len(ids), (CONTEXT[-1] if start else next(c for c in CONTEXT if c >= len(ids)))
+        n, s = len(ids), (chunk_shape(len(ids), start)[0] if start else next(c for c in CONTEXT if c >= len(ids)))
         x = torch.zeros(s, dtype=torch.int64)
         x[:n] = torch.tensor(ids)
         past = (self.k[:, slot], self.v[:, slot]) if start else ()
@@ -111,7 +124,7 @@ class XlaGraphs:
     def __init__(self, weights):
         install_parallel_layers()
         self.device = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
-        module = NeuronBucketGraph(CFG, SPECS[0], SLOTS, MAX_LEN, torch.float32, 1)
+        module = NeuronBucketGraph(CFG, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
         checkpoint = dict(weights, **{"lm_head.weight": weights["model.embed_tokens.weight"]})
         for name, value in checkpoint.items():
             neuron_double.set_tensor(module, name, value.clone())
@@ -128,10 +141,15 @@ class XlaGraphs:
         return out.cpu()
 
     def prefill(self, slot, ids, start):
-        n, s = len(ids), (CONTEXT[-1] if start else next(c for c in CONTEXT if c >= len(ids)))
+        n = len(ids)
+        if start:
+            s, past = chunk_shape(n, start)
+            name = f"prefill_chunk_s{s}_p{past}"
+        else:
+            s = next(c for c in CONTEXT if c >= n)
+            name = f"prefill_s{s}"
         x = torch.zeros(s, dtype=torch.int64)
         x[:n] = torch.tensor(ids)
-        name = f"prefill_chunk_s{s}_p{MAX_LEN}" if start else f"prefill_s{s}"
         return self.run(name, x, torch.tensor([start]), torch.tensor([n - 1]), torch.tensor([slot]))
 
     def decode(self, ids, pos):
@@ -147,21 +165,35 @@ class XlaGraphs:
 
 
 def workload(runner, seed: int) -> list[int]:
-    """Every bucket: prefill 16/32, a chunked prompt, decode batches 1/2/4 (one with a padding row) at
-    spans 32 and 64; slots re-prefilled in between, as the engine does when a sequence is replaced."""
+    """Every bucket: prefill 16/32, chunked prompts (chunks of 16 and 32 at start 32), decode batches 1/2/4
+    (one with a padding row) at spans 32 and 64, a sequence stored into a store row and resumed from it
+    twice (chunks of 16 and 32 past start 32: the 64 span); slots re-prefilled in between, as the engine
+    does when a sequence is replaced."""
     g = torch.Generator().manual_seed(seed)
-    tokens, pos, last = [], {}, {}
+    tokens, pos, last, stored = [], {}, {}, {}
 
     def take(slot, logits):
         tokens.append(int(logits.argmax()))
         last[slot] = tokens[-1]
 
+    def prefill(slot, ids, start):
+        for at in range(start, len(ids), CONTEXT[-1]):
+            logits = runner.prefill(slot, ids[at:at + CONTEXT[-1]], at)
+        take(slot, logits[0])
+        pos[slot] = len(ids)
+
     def prompt(slot, n):
         ids = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
-        for start in range(0, n, CONTEXT[-1]):
-            logits = runner.prefill(slot, ids[start:start + CONTEXT[-1]], start)
-        take(slot, logits[0])
-        pos[slot] = n
+        prefill(slot, ids, 0)
+        return ids
+
+    def store(slot, row, ids):  # a finished sequence: its cached positions into a store row
+        runner.copy_slot(slot, SLOTS + row, pos[slot])
+        stored[row] = ids
+
+    def resume(slot, row, hit, n):  # a prefix-cache hit: the row's first `hit` positions, then n new tokens
+        runner.copy_slot(SLOTS + row, slot, hit)
+        prefill(slot, stored[row][:hit] + torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist(), hit)
 
     def step(rows):  # decode slots 0..rows-1
         logits = runner.decode([last[s] for s in range(rows)], [pos[s] for s in range(rows)])
@@ -170,23 +202,26 @@ def workload(runner, seed: int) -> list[int]:
             pos[s] += 1
 
     prompt(0, 10)
-    step(1)             # prefill_s16, decode_b1_k32
+    step(1)               # prefill_s16, decode_b1_k32
     prompt(1, 20)
-    step(2)             # prefill_s32, decode_b2_k32
-    prompt(2, 40)
-    step(3)             # prefill_s32 + prefill_chunk, decode_b4_k64 with a padding row
+    step(2)               # prefill_s32, decode_b2_k32
+    ids = prompt(2, 40)
+    step(3)               # prefill_s32 + prefill_chunk_s16_p32, decode_b4_k64 with a padding row
+    store(2, 0, ids)      # copy_slot into store row 0 (cache row SLOTS)
     prompt(2, 5)
-    step(3)             # decode_b4_k32
-    prompt(1, 40)
-    step(2)             # decode_b2_k64
-    prompt(0, 40)
-    step(1)             # decode_b1_k64
-    for _ in range(10):
+    step(3)               # slot 2 reused: prefill_s16, decode_b4_k32
+    prompt(1, 50)
+    step(2)               # prefill_s32 + prefill_chunk_s32_p32, decode_b2_k64
+    resume(0, 0, 36, 10)
+    step(1)               # copy_slot out of the store row, prefill_chunk_s16_p64, decode_b1_k64
+    resume(2, 0, 40, 17)
+    step(3)               # prefill_chunk_s32_p64 at 40, decode_b4_k64
+    for _ in range(2):
         step(3)
     runner.copy_slot(2, 0, pos[2] - 3)  # a fork of slot 2's first positions into slot 0 (copy_slot tag)
     last[0], pos[0] = last[2], pos[2]
     runner.copy_slot(2, 0, pos[2])      # then all of them: slot 0 continues slot 2
-    for _ in range(4):
+    for _ in range(2):
         step(3)
     return tokens
 
@@ -240,13 +275,18 @@ def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
     before = compiles()
     first = workload(xla, seed=1)
     after_first = compiles()
+    reference = CpuReference(weights)
+    assert first == workload(reference, seed=1)
+    state = xla.module.cache_k.cpu()
+    # the store rows: row 0 holds exactly what copy_slot put there, row 1 was never written by any graph
+    torch.testing.assert_close(state[:, SLOTS, :, :41], reference.k[:, SLOTS, :, :41], rtol=1e-4, atol=1e-4)
+    assert not state[:, SLOTS, :, 41:].any() and not state[:, SLOTS + 1].any()
     assert sorted(xla.hlo) == sorted(s.name for s in SPECS)  # the workload ran every graph
     assert after_first - before == len(SPECS), met.short_metrics_report()
     second = workload(xla, seed=2)  # same graphs, other tokens: nothing new to compile
     assert compiles() == after_first, met.short_metrics_report()
-    assert first == workload(CpuReference(weights), seed=1)
     assert second == workload(CpuReference(weights), seed=2)
-    full_cache = CFG.num_layers * SLOTS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
+    full_cache = CFG.num_layers * ROWS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
     for spec in SPECS:
         hlo = xla.hlo[spec.name]
         assert "f64" not in hlo, (spec.name, [line for line in hlo.splitlines() if "f64" in line][:3])
