@@ -27,7 +27,7 @@ CHUNKS = (16, 64)  # a small chunk for the tail after a hit, and chunk_len (the 
 @pytest.fixture
 def prefix_artifact(neuron_double_installed, tiny_llama_dir, neuron_settings, tmp_path):
     """The tiny neuron artifact (4 slots, max_model_len 128, KV buckets 32/64/128) with 2 store rows and
-    chunk graphs of 16 and 64 tokens over the past spans 64 and 128."""
+    chunk graphs of 16 and 64 tokens over neuron's one past span, 128."""
     return build_neuron(tiny_llama_dir, tmp_path / "neuron", neuron_settings, prefix_cache_rows=STORE_ROWS,
                         chunk_buckets=CHUNKS)
 
@@ -55,7 +55,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def test_state_and_plan_hold_the_store_rows_and_one_chunk_graph_per_size(prefix_artifact,
-                                                                                  neuron_double_installed):
+                                                                         neuron_double_installed):
     manifest = Manifest.read(prefix_artifact)
     runner = open_runner(prefix_artifact)
     assert manifest.prefix_cache_rows == runner.prefix_cache_rows == STORE_ROWS
