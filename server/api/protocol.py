@@ -15,6 +15,7 @@ extras too). Arrays have limits (MAX_PROMPTS, MAX_MESSAGES, ...; docs/api.md lis
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Annotated, Any, Literal, Optional, Union
@@ -290,8 +291,11 @@ class _GenerationRequest(RequestModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @functools.cached_property
     def structured_spec(self) -> Optional[tuple[str, StructuredOutputsParams]]:
-        """(the request field it came from, the constraint), or None: at most one may be given."""
+        """(the request field it came from, the constraint), or None: at most one may be given. Cached: a
+        chat request's tool check, its SamplingParams and the serving layer's 400 all read it, and a JSON
+        schema is serialised to make it."""
         specs: list[tuple[str, StructuredOutputsParams]] = []
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema":
@@ -332,7 +336,7 @@ class _GenerationRequest(RequestModel):
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        spec = self.structured_spec()
+        spec = self.structured_spec
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -542,7 +546,7 @@ class ChatCompletionRequest(_GenerationRequest):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise FieldError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not "
                              f"among the tools ({', '.join(names)})")
-        if self.effective_tool_choice in ("required", "named") and self.structured_spec() is not None:
+        if self.effective_tool_choice in ("required", "named") and self.structured_spec is not None:
             raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with "
                              "response_format or another structured-output constraint")
         return self

@@ -58,7 +58,7 @@ class OpenAIServingChat(OpenAIServing):
             tool = next(t for t in request.tools if t.function.name == request.tool_choice.function.name)
             schema = tool.function.parameters or {"type": "object", "properties": {}}
         else:
-            spec = request.structured_spec()
+            spec = request.structured_spec
             return params, spec[0] if spec else None
         spec = StructuredOutputsParams(json=json.dumps(schema, ensure_ascii=False))
         return dataclasses.replace(params, structured_outputs=spec), "tools"

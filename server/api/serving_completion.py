@@ -25,7 +25,7 @@ class OpenAIServingCompletion(OpenAIServing):
         texts, prompts = await self._prompts(request)
         for ids in prompts:
             self.check_length(len(ids), params.max_tokens, "prompt")
-        spec = request.structured_spec()
+        spec = request.structured_spec
         await self.check_structured(params, spec[0] if spec else None)
         request_id = new_id("cmpl")
         tracker = RequestTracker(raw_request, sum(map(len, prompts)), params.n, request.stream)

@@ -67,7 +67,6 @@ class AsyncEngine:
         live stream fails, is_alive() turns false so /health answers 503); None: no limit."""
         self.engine = LLMEngine(runner, tokenizer, config, observer)
         self.config = self.engine.config
-        self.prefix_cache_rows = self.engine.scheduler.prefix.num_rows   # 0: prefix caching off
         self._own_thread = own_thread
         self.step_timeout = step_timeout
         self._step_started: Optional[float] = None     # monotonic start of the step in progress
@@ -142,6 +141,11 @@ class AsyncEngine:
             await asyncio.sleep(min(1.0, self.step_timeout / 4))
             if self._overdue():
                 return
+
+    @property
+    def prefix_cache_rows(self) -> int:
+        """Store rows the prefix cache uses (0: prefix caching off)."""
+        return self.engine.scheduler.prefix.num_rows
 
     @property
     def num_running(self) -> int:

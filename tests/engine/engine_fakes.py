@@ -7,11 +7,12 @@ generated text (or trips an assertion) instead of passing silently.
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from server.engine.types import BucketRun
+from server.engine.types import BucketRun, SamplingParams
 from server.runner.executor import PlanExecutor
 from server.runner.interface import RunnerOutput
 
@@ -110,6 +111,17 @@ class FakeRunner(PlanExecutor):
         assert len(self.cache[src]) >= length, (src, len(self.cache[src]), length)
         self.cache[dst] = self.cache[src][:length]
         self.calls.append(("copy", src, dst, length))
+
+
+@dataclass
+class RequestSpec:
+    """One request of a property test: when it arrives (step), its prompt and params, and after how many
+    steps it is aborted (None: never)."""
+
+    arrival: int
+    prompt: list[int]
+    params: SamplingParams
+    abort_after: Optional[int]
 
 
 def scripted_logits(script: dict[tuple[int, ...], list[int]], vocab_size: int, eos: int = 0):

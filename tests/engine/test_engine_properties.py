@@ -7,13 +7,10 @@ the queue drains.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine_fakes import CharTokenizer, FakeRunner, hashed_logits
+from engine_fakes import CharTokenizer, FakeRunner, RequestSpec, hashed_logits
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.types import FinishReason, QueueFullError, SamplingParams
@@ -22,14 +19,6 @@ MAX_MODEL_LEN = 40
 EOS = 0
 STOP_TOKEN = 5
 TOK = CharTokenizer()
-
-
-@dataclass
-class Spec:
-    arrival: int
-    prompt: list[int]
-    params: SamplingParams
-    abort_after: Optional[int]
 
 
 @st.composite
@@ -47,7 +36,7 @@ def specs(draw):
         ignore_eos=draw(st.booleans()),
         include_stop_str_in_output=draw(st.booleans()))
     prompt = draw(st.lists(st.integers(1, 31), min_size=prompt_len, max_size=prompt_len))
-    return Spec(draw(st.integers(0, 12)), prompt, params,
+    return RequestSpec(draw(st.integers(0, 12)), prompt, params,
                 draw(st.one_of(st.none(), st.none(), st.integers(0, 8))))
 
 
@@ -89,7 +78,7 @@ def test_engine_invariants(requests, max_num_seqs, max_queued, budget, pack):
     engine = LLMEngine(runner, TOK, EngineConfig(max_num_seqs=max_num_seqs,
                                                  max_num_queued_reqs=max_queued,
                                                  max_num_batched_tokens=budget), observer)
-    accepted: dict[str, Spec] = {}
+    accepted: dict[str, RequestSpec] = {}
     outputs: dict[str, list] = {}
     aborted_at: dict[str, int] = {}
     finished_at: dict[str, int] = {}

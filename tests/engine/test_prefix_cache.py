@@ -2,14 +2,11 @@
 reusing cached prefixes gives every request exactly the tokens it gives without the cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine_fakes import CharTokenizer, FakeRunner
+from engine_fakes import CharTokenizer, FakeRunner, RequestSpec
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.llm_engine import LLMEngine
@@ -160,14 +157,6 @@ MAX_MODEL_LEN = 40
 BASES = [[(7 * i + 3 * j) % 31 + 1 for j in range(30)] for i in range(3)]
 
 
-@dataclass
-class Spec:
-    arrival: int
-    prompt: list[int]
-    params: SamplingParams
-    abort_after: Optional[int]
-
-
 @st.composite
 def specs(draw):
     base = draw(st.sampled_from(BASES))
@@ -179,7 +168,8 @@ def specs(draw):
                             temperature=draw(st.sampled_from([0.0, 1.0])),
                             seed=draw(st.one_of(st.none(), st.integers(0, 100))),
                             ignore_eos=draw(st.booleans()))
-    return Spec(draw(st.integers(0, 10)), prompt, params, draw(st.one_of(st.none(), st.none(), st.integers(0, 6))))
+    return RequestSpec(draw(st.integers(0, 10)), prompt, params,
+                       draw(st.one_of(st.none(), st.none(), st.integers(0, 6))))
 
 
 def run(requests, rows: int, budget: int, follow_ups: bool):
@@ -190,7 +180,7 @@ def run(requests, rows: int, budget: int, follow_ups: bool):
     engine = LLMEngine(runner, TOK, EngineConfig(max_num_batched_tokens=budget, enable_prefix_caching=rows > 0))
     engine.scheduler.prefix.min_hit_tokens = 4
     pending = {f"r{i}": s for i, s in enumerate(requests)}
-    added: dict[str, Spec] = {}
+    added: dict[str, RequestSpec] = {}
     tokens: dict[str, dict[int, list[int]]] = {}
     cached: dict[str, int] = {}
     step = 0
@@ -211,7 +201,7 @@ def run(requests, rows: int, budget: int, follow_ups: bool):
                     and len(spec.prompt) + len(tokens[out.request_id][0]) + 2 < MAX_MODEL_LEN - 1):
                 prompt = spec.prompt + tokens[out.request_id][0] + [11, 12]
                 params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-                pending[out.request_id + "-next"] = Spec(step + 1, prompt, params, None)
+                pending[out.request_id + "-next"] = RequestSpec(step + 1, prompt, params, None)
         engine.kv.check()
         check_store_rows(engine, runner)
         step += 1
