@@ -7,6 +7,7 @@ from pathlib import Path
 
 from compile.config import (CPU_KERNELS, CPU_PREFIX_CACHE_ROWS, DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_PREFIX_CACHE_ROWS,
                             NEURON_TARGETS, TARGETS, CompileConfig, ConfigError)
+from compile.quantize import QUANTIZATIONS
 
 EPILOG = """examples:
   python -m compile --checkpoint smollm2-135m-instruct --target cpu --out artifacts/smollm2
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
                    help="cpu target: graphs with fused projections prepacked for oneDNN (cpu-onednn), or plain "
                         "aten ops any CPU runs (portable); auto picks cpu-onednn where it works (default auto)")
+    c.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="weight-only int8 for the layers' projections: int8 weights with one scale per output "
+                        "channel, about half the bytes; embeddings and lm_head stay in --dtype (default none)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact built from other inputs")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     n = p.add_argument_group("neuron target")
@@ -112,7 +116,8 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
         kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len),
                                                           midpoints=CPU_KV_MIDPOINTS if cpu else (0, 0)),
         max_num_seqs=max_seqs, max_model_len=max_len, neuron_target=args.neuron_target, tp_degree=args.tp_degree,
-        cpu_kernels=args.cpu_kernels, neuron_compile_workers=args.neuron_compile_workers,
+        cpu_kernels=args.cpu_kernels, quantization=args.quantization,
+        neuron_compile_workers=args.neuron_compile_workers,
         prefix_cache_rows=args.prefix_cache_rows, chunk_buckets=args.chunk_buckets or None)
 
 
@@ -155,7 +160,8 @@ def print_summary(result) -> None:
     total = sum(r[2] for r in rows)
     print(f"{'total':<{width}}  {sum(r[1] for r in rows) / 1024:>9.1f} KiB  {total:>9.2f}")
     ratio = result.artifact_bytes / result.weights_bytes if result.weights_bytes else 0.0
-    print(f"weights ({result.manifest.dtype}): {result.weights_bytes / 2**20:.1f} MiB; "
+    quantization = result.manifest.model.get("quantization")
+    print(f"weights ({result.manifest.dtype}{', ' + quantization if quantization else ''}): {result.weights_bytes / 2**20:.1f} MiB; "
           f"artifact: {result.artifact_bytes / 2**20:.1f} MiB ({ratio:.3f}x the weights)")
     print(f"artifact written to {result.out}")
 

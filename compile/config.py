@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from compile.quantize import QUANTIZATIONS
+
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("cpu", "neuron")
 NEURON_TARGETS = ("inf2", "trn1", "trn2")
@@ -51,6 +53,7 @@ class CompileConfig:
     neuron_target: Optional[str] = None
     tp_degree: int = 1
     cpu_kernels: str = "auto"
+    quantization: str = "none"   # compile/quantize.py: "none" (weights in dtype) or "int8" (weight-only)
     # Prefix cache store rows (0: no prefix caching) and the chunk sizes of prefill_chunk graphs (None:
     # the target's small chunk and chunk_len; see chunk_sizes).
     prefix_cache_rows: Optional[int] = None   # None: the target's default (CPU_/NEURON_PREFIX_CACHE_ROWS)
@@ -97,6 +100,8 @@ class CompileConfig:
                 raise fail(f"--chunk-buckets must be distinct positive integers in ascending order, got {values}")
             if values[-1] >= self.max_model_len:
                 raise fail(f"largest chunk bucket {values[-1]} must be below --max-model-len {self.max_model_len}")
+        if self.quantization not in QUANTIZATIONS:
+            raise fail(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.cpu_kernels not in CPU_KERNELS:
             raise fail(f"--cpu-kernels must be one of {', '.join(CPU_KERNELS)}, got {self.cpu_kernels!r}")
 

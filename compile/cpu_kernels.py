@@ -13,6 +13,7 @@ import torch
 
 from compile.config import ConfigError
 from compile.model import CPU_ONEDNN, PORTABLE, ModelConfig, graph_weight_names, weight_names
+from compile.quantize import SCALE_SUFFIX
 
 
 def onednn_problem(dtype: torch.dtype) -> str | None:
@@ -48,26 +49,37 @@ def graph_weights(cfg: ModelConfig, stored: Mapping[str, torch.Tensor], variant:
     """The tensors a graph of `variant` takes, in graph_weight_names order, from the stored HF names."""
     if variant == PORTABLE:
         return [stored[n] for n in weight_names(cfg)]
+    dtype = stored["model.embed_tokens.weight"].dtype
     out = []
     for name in graph_weight_names(cfg, variant):
         if name == "lm_head.weight":
             out.append(pack(stored.get(name, stored["model.embed_tokens.weight"])))
         elif ".qkv_proj." in name:
-            out.append(_fused(stored, name, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+            out.append(_fused(stored, name, ("q_proj", "k_proj", "v_proj"), "qkv_proj", dtype))
         elif ".gate_up_proj." in name:
-            out.append(_fused(stored, name, ("gate_proj", "up_proj"), "gate_up_proj"))
+            out.append(_fused(stored, name, ("gate_proj", "up_proj"), "gate_up_proj", dtype))
         elif ".qk_norm." in name:
             out.append(_qk_norm(cfg, stored, name))
-        elif name.endswith("proj.weight"):
-            out.append(pack(stored[name]))
         else:
-            out.append(stored[name])
+            out.append(_onednn_form(stored[name], name, dtype))
     return out
 
 
-def _fused(stored: Mapping[str, torch.Tensor], name: str, parts: tuple[str, ...], fused: str) -> torch.Tensor:
+def _onednn_form(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as a CPU_ONEDNN graph takes it: projection weights packed for oneDNN, except int8
+    ones, which torch's int8 kernel (_weight_int8pack_mm) takes as they are stored; int8 scales [out, 1]
+    float32 -> [out] in the activations' dtype, as that kernel wants them."""
+    if name.endswith(SCALE_SUFFIX):
+        return tensor.reshape(-1).to(dtype).contiguous()
+    if name.endswith("proj.weight") and tensor.dtype != torch.int8:
+        return pack(tensor)
+    return tensor
+
+
+def _fused(stored: Mapping[str, torch.Tensor], name: str, parts: tuple[str, ...], fused: str,
+           dtype: torch.dtype) -> torch.Tensor:
     joined = torch.cat([stored[name.replace(fused, part)] for part in parts])
-    return pack(joined) if name.endswith(".weight") else joined  # biases stay plain
+    return _onednn_form(joined, name, dtype) if not name.endswith(".bias") else joined  # biases stay plain
 
 
 def _qk_norm(cfg: ModelConfig, stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from compile.checkpoint import load_checkpoint, source_sha256
 from compile.config import CompileConfig
 from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
 from compile.model import PORTABLE
+from compile.quantize import quantize_checkpoint
 
 WEIGHTS_FILE = "weights/model.safetensors"
 
@@ -87,7 +88,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         raise ArtifactError(f"{out}: already exists and is {what}; pass --force to replace it")
 
     dtype = torch_dtype(cfg.dtype)
-    ckpt = load_checkpoint(cfg.checkpoint, dtype)
+    ckpt = quantize_checkpoint(load_checkpoint(cfg.checkpoint, dtype), cfg.quantization)
     if cfg.target == "neuron":
         from compile import neuron_target
         backend = neuron_target

@@ -26,11 +26,13 @@ graphs never copy the span (split_attention).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from compile.quantize import SCALE_SUFFIX, is_quantized_projection
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
@@ -66,6 +68,9 @@ class ModelConfig:
     # Qwen3: an RMSNorm over each head's q and k (self_attn.q_norm / k_norm, [head_dim]) before rope.
     # NOTE: defaulted, so a manifest written before the field existed still reads (as False).
     qk_norm: bool = False
+    # Weight format of the decoder's projections: None (the dtype) or "int8" (compile/quantize.py: int8
+    # weights with a float32 scale per output channel). Defaulted, as qk_norm.
+    quantization: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,6 +79,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """Raises ValueError (one line) for a field this Kiln does not know: a manifest written by a newer
+        one (a new model family or weight format), which these graphs could not run."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model config field(s) {', '.join(unknown)} unknown to this Kiln (written by a newer "
+                             f"version?); upgrade Kiln or recompile the artifact")
         return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
 
     @property
@@ -81,20 +92,28 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
+def projection_names(cfg: ModelConfig, name: str, bias: bool = False) -> list[str]:
+    """One projection's tensors: its weight, its int8 scale (quantized configs), its bias."""
+    names = [name + ".weight"]
+    if cfg.quantization and is_quantized_projection(name):
+        names.append(name + SCALE_SUFFIX)
+    return names + [name + ".bias"] if bias else names
+
+
 def weight_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor the graphs take, in the fixed order they are passed (HF names)."""
+    """Every tensor the graphs take, in the fixed order they are passed (HF names; int8 scales after
+    their weights)."""
     names = ["model.embed_tokens.weight", "rope.inv_freq"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj"):
-            names.append(p + f"self_attn.{proj}.weight")
-            if cfg.attention_bias:
-                names.append(p + f"self_attn.{proj}.bias")
+            names += projection_names(cfg, p + f"self_attn.{proj}", cfg.attention_bias)
         if cfg.qk_norm:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight"]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names += projection_names(cfg, p + f"mlp.{proj}")
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -103,8 +122,9 @@ def weight_names(cfg: ModelConfig) -> list[str]:
 
 def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
     """The tensors a graph of this variant takes, in order. CPU_ONEDNN fuses q/k/v into qkv_proj and
-    gate/up into gate_up_proj, q_norm/k_norm (qk_norm) into qk_norm [heads + kv heads, head_dim] (each
-    head's row of its norm weight), and always has its own lm_head (a packed copy when embeddings are tied)."""
+    gate/up into gate_up_proj (int8 configs: their scales too), q_norm/k_norm (qk_norm) into qk_norm
+    [heads + kv heads, head_dim] (each head's row of its norm weight), and always has its own lm_head
+    (a packed copy when embeddings are tied)."""
     if variant == PORTABLE:
         return weight_names(cfg)
     if variant != CPU_ONEDNN:
@@ -112,14 +132,18 @@ def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
     names = ["model.embed_tokens.weight", "rope.inv_freq"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attn.qkv_proj.weight"]
-        if cfg.attention_bias:
-            names.append(p + "self_attn.qkv_proj.bias")
+        names += [p + "input_layernorm.weight"] + _fused_names(cfg, p + "self_attn.qkv_proj", cfg.attention_bias)
         if cfg.qk_norm:
             names.append(p + "self_attn.qk_norm.weight")
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
+        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight"]
+        names += _fused_names(cfg, p + "mlp.gate_up_proj") + projection_names(cfg, p + "mlp.down_proj")
     return names + ["model.norm.weight", "lm_head.weight"]
+
+
+def _fused_names(cfg: ModelConfig, name: str, bias: bool = False) -> list[str]:
+    """A fused projection (qkv_proj, gate_up_proj): quantized when the projections it fuses are."""
+    names = [name + ".weight"] + ([name + SCALE_SUFFIX] if cfg.quantization else [])
+    return names + [name + ".bias"] if bias else names
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -154,7 +178,15 @@ class Weights:
         """
         if name == "lm_head":
             return F.linear(x, self.lm_head)
-        return F.linear(x, self._by_name[name + ".weight"], self._by_name.get(name + ".bias"))
+        weight, bias = self._by_name[name + ".weight"], self._by_name.get(name + ".bias")
+        scale = self._by_name.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return F.linear(x, weight, bias)
+        # int8 (compile/quantize.py): the matmul on the weight cast to the dtype, then each output channel's
+        # float32 scale, as NxD Core's per-channel layers dequantise (scale_dequantize); a device fuses the
+        # cast into the matmul.
+        y = (F.linear(x, weight.to(x.dtype)).to(torch.float32) * scale.view(-1)).to(x.dtype)
+        return y if bias is None else y + bias
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps)
@@ -166,7 +198,13 @@ class OneDNNWeights(Weights):
     variant = CPU_ONEDNN
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return onednn_linear(x, self._by_name[name + ".weight"], self._by_name.get(name + ".bias"))
+        weight, bias = self._by_name[name + ".weight"], self._by_name.get(name + ".bias")
+        scale = self._by_name.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return onednn_linear(x, weight, bias)
+        # int8: torch's weight-only int8 kernel (int8 [out, in], scales [out] of x's dtype; cpu_kernels.py)
+        y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+        return y if bias is None else y + bias
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # NOTE: one kernel instead of eight ops; it rounds to the dtype once where HF rounds twice

@@ -31,6 +31,7 @@ from torch import nn
 
 from compile.buckets import GraphSpec
 from compile.model import ModelConfig, Weights, decode, prefill, weight_names
+from compile.quantize import QUANTIZED_PROJECTIONS, SCALE_SUFFIX
 
 MODEL_BUILDER = "ModelBuilder"
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -51,6 +52,9 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  "self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,),
                  "self_attn.o_proj.weight": (hidden, q_out), "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
                  "mlp.up_proj.weight": (cfg.intermediate_size, hidden), "mlp.down_proj.weight": (hidden, cfg.intermediate_size)}
+    if cfg.quantization:  # compile/quantize.py: one float32 scale per output channel
+        per_layer.update({name.replace(".weight", SCALE_SUFFIX): (shape[0], 1) for name, shape in per_layer.items()
+                          if name.endswith(".weight") and name.rsplit(".", 1)[0] in QUANTIZED_PROJECTIONS})
     fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.head_dim // 2,),
              "model.norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
     shapes = {}
@@ -113,6 +117,19 @@ def copy_slot_kv(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, leng
     dst_row = torch.index_select(cache, 1, dst.view(1))
     keep = _iota(max_len, dev, 1, 1, 1, max_len, 1) < length.to(INDEX_DTYPE)
     return torch.index_copy(cache, 1, dst.view(1), torch.where(keep, src_row, dst_row))
+
+
+def quantized_layer_classes(quantization: str) -> tuple[type, type, dict]:
+    """NxD Core's weight-only quantized parallel layers for compile/quantize.py's format: int8 `weight`
+    [out, in] and float32 `scale` [out, 1] per output channel, sharded with the weight (column-parallel)
+    or replicated (row-parallel: its output channels are not split); the output is dequantised after
+    the matmul, as Weights.linear does on cpu."""
+    from neuronx_distributed.quantization.quantization_layers import QuantizedColumnParallel, QuantizedRowParallel
+    if quantization != "int8":
+        raise ValueError(f"no neuron layers for quantization {quantization!r}")
+    extra = dict(quantization_type="per_channel_symmetric", quantized_dtype=torch.int8,
+                 quantization_per_channel_axis=0, scale_dtype=torch.float32)
+    return QuantizedColumnParallel, QuantizedRowParallel, extra
 
 
 class TreeWeights(Weights):
@@ -178,18 +195,22 @@ class NeuronBucketGraph(nn.Module):
         self.register_buffer("cache_v", torch.zeros(v_shape, dtype=dtype), persistent=False)
 
     def _add_parallel_layers(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        """Call inside NxDParallelState (every tp, 1 included): the layers size themselves from it."""
+        """Call inside NxDParallelState (every tp, 1 included): the layers size themselves from it.
+        int8 configs take NxD Core's quantized layers (quantized_layer_classes) for the projections."""
         from neuronx_distributed.parallel_layers import ColumnParallelLinear, RowParallelLinear
+        column, row, extra = ColumnParallelLinear, RowParallelLinear, {}
+        if cfg.quantization:
+            column, row, extra = quantized_layer_classes(cfg.quantization)
         shapes = weight_shapes(cfg)
         for i in range(cfg.num_layers):
             for proj in COLUMN_PARALLEL + ROW_PARALLEL:
                 name = f"model.layers.{i}.{proj}"
                 out_size, in_size = shapes[name + ".weight"]
                 if proj in ROW_PARALLEL:
-                    layer = RowParallelLinear(in_size, out_size, bias=False, input_is_parallel=True, dtype=dtype)
+                    layer = row(in_size, out_size, bias=False, input_is_parallel=True, dtype=dtype, **extra)
                 else:
                     bias = cfg.attention_bias and proj.startswith("self_attn")
-                    layer = ColumnParallelLinear(in_size, out_size, bias=bias, gather_output=False, dtype=dtype)
+                    layer = column(in_size, out_size, bias=bias, gather_output=False, dtype=dtype, **extra)
                 *path, leaf = name.split(".")
                 _child(self, path).add_module(leaf, layer)
                 self.parallel[name] = layer

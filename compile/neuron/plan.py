@@ -14,6 +14,7 @@ from compile.config import CompileConfig
 from compile.model import ModelConfig
 from compile.neuron import flags
 from compile.neuron.graphs import COLUMN_PARALLEL, ROW_PARALLEL, cache_shapes, weight_shapes
+from compile.quantize import SCALE_SUFFIX, is_quantized_projection, quantized_config
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 2 ** 30
@@ -79,7 +80,21 @@ class HbmEstimate:
 
 
 def sharded(name: str) -> bool:
-    return name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL + ROW_PARALLEL)
+    """Split over tp ranks: lm_head and the projections, except a row-parallel projection's int8 scale
+    (one per output channel, and a row-parallel layer does not split its outputs)."""
+    if name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL):
+        return True
+    return any(f".{p}." in name for p in ROW_PARALLEL) and not name.endswith(SCALE_SUFFIX)
+
+
+def element_bytes(name: str, model: ModelConfig, dtype: str) -> int:
+    """Bytes per element of a stored tensor: rope's inv_freq and int8 scales are float32, int8 projection
+    weights one byte, everything else the artifact's dtype."""
+    if name == "rope.inv_freq" or name.endswith(SCALE_SUFFIX):
+        return 4
+    if model.quantization and name.endswith(".weight") and is_quantized_projection(name.removesuffix(".weight")):
+        return 1
+    return BYTES[dtype]
 
 
 def scratch_bytes(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig) -> int:
@@ -101,7 +116,7 @@ def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
     """Weights (linear layers split over tp, the rest replicated) once, the KV state once, and each
     graph's NEFF and scratch allowance, per NeuronCore."""
     from compile.neuron.builder import tags
-    tp, size = cfg.tp_degree, BYTES[cfg.dtype]
+    tp = cfg.tp_degree
     shapes = dict(weight_shapes(model))
     if model.tie_word_embeddings:
         # NOTE: the traced module's lm_head is its own weight (a ColumnParallelLinear), so the device
@@ -110,10 +125,10 @@ def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
     weights = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
-        weights += (4 if name == "rope.inv_freq" else size) * (n // tp if tp > 1 and sharded(name) else n)
+        weights += element_bytes(name, model, cfg.dtype) * (n // tp if tp > 1 and sharded(name) else n)
     kv = sum(math.prod(shape) for shape in cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, tp))
     graphs = tuple(GraphAllowance(s.name, NEFF_ALLOWANCE_BYTES, scratch_bytes(s, cfg, model)) for s in tags(cfg))
-    return HbmEstimate(weights, kv * size, graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
+    return HbmEstimate(weights, kv * BYTES[cfg.dtype], graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
 
 
 def shape_text(shape) -> str:
@@ -157,7 +172,9 @@ def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
     k_shape, _ = cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, tp)
     verdict = "fits" if est.fits else ("DOES NOT FIT: raise --tp-degree or lower --max-num-seqs/--max-model-len/"
                                         "--prefix-cache-rows")
-    lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}):",
+    weight_format = (f"; projections {model.quantization} (1 B) with a float32 scale per output channel"
+                     if model.quantization else "")
+    lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}{weight_format}):",
              f"  weights, once per rank, shared by every graph: {est.weights_bytes / GIB:.3f} GiB"
              + (" (projections and lm_head split over tp; embedding, norms, rope replicated)" if tp > 1 else ""),
              f"  KV state, once, shared by every graph: 2 x {'x'.join(map(str, k_shape))} x {size} B = "
@@ -181,7 +198,7 @@ def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
 
 
 def describe_plan(cfg: CompileConfig) -> str:
-    model = read_model_config(cfg.checkpoint)
+    model = quantized_config(read_model_config(cfg.checkpoint), cfg.quantization)
     neuron = cfg.target == "neuron"
     if neuron:
         flags.check_tp(cfg, model)  # an impossible plan is a one-line error, not a table
@@ -195,7 +212,7 @@ def describe_plan(cfg: CompileConfig) -> str:
              f"intermediate {model.intermediate_size}, vocab {model.vocab_size})"]
     if neuron:
         lines.append(f"target: neuron --neuron-target {cfg.neuron_target}, tp {cfg.tp_degree}, "
-                     f"LNC {flags.LNC[cfg.neuron_target]}, dtype {cfg.dtype}, tracer NxD Core ModelBuilder "
+                     f"LNC {flags.LNC[cfg.neuron_target]}, dtype {cfg.dtype}, quantization {cfg.quantization}, tracer NxD Core ModelBuilder "
                      "(one NxDModel, one tag per graph, weights and KV state shared by every tag)")
         lines.append("weights: kept out of every graph (NxDModel.save(save_weights=False)), bound once by set_weights "
                      + ("from weights/model.safetensors" if cfg.tp_degree == 1 else
@@ -206,7 +223,7 @@ def describe_plan(cfg: CompileConfig) -> str:
                      "positions, head_dim]; buffers reassigned in forward, aliased by "
                      "ModelBuilder, never returned to the host")
     else:
-        lines.append(f"target: cpu, dtype {cfg.dtype}, torch.export per bucket (weights are graph inputs)")
+        lines.append(f"target: cpu, dtype {cfg.dtype}, quantization {cfg.quantization}, torch.export per bucket (weights are graph inputs)")
     lines.append(f"graphs ({len(specs)}):")
     width = max(len(s.name) for s in specs)
     for spec in specs:

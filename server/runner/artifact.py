@@ -28,6 +28,11 @@ def _runner_module(manifest: Manifest):
 def verify_artifact(path: Path | str, checksums: bool = True) -> Manifest:
     """The contract, and that this host can run the artifact's target; raises ArtifactError."""
     manifest = verify_contract(path, checksums=checksums)
+    from compile.model import ModelConfig
+    try:
+        ModelConfig.from_dict(manifest.model)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{Path(path) / 'manifest.json'}: {e}") from None
     _runner_module(manifest).check_host(manifest, Path(path))
     return manifest
 

@@ -90,6 +90,15 @@ def test_manifest_mismatch_is_refused(artifact_copy, field, value, expect):
     assert expect in message and "manifest.json" in message
 
 
+def test_model_field_of_a_newer_kiln_is_refused_in_one_line(artifact_copy):
+    path = artifact_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["expert_count"] = 8  # a field a newer Kiln might write
+    path.write_text(json.dumps(raw))
+    message = refused(artifact_copy)
+    assert "manifest.json" in message and "expert_count unknown to this Kiln" in message
+
+
 def test_neuron_artifact_on_a_host_without_torch_neuronx_is_refused(artifact_copy):
     path = artifact_copy / "manifest.json"
     raw = json.loads(path.read_text())

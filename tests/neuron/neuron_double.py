@@ -160,6 +160,52 @@ class RowParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class QuantizedColumnParallel(nn.Module):
+    """NxD Core's quantization_layers.QuantizedColumnParallel, weight-only per-channel: int8 `weight`
+    [out/tp, in], float32 `scale` [out/tp, 1]; forward = scale_dequantize(x @ weight^T, scale^T)."""
+
+    def __init__(self, input_size, output_size, bias=True, quantization_type="per_tensor_symmetric",
+                 gather_output=True, dtype=torch.float32, quantized_dtype=torch.int8, device=None,
+                 quantization_per_channel_axis=None, scale_dtype=torch.float32, **kwargs):
+        super().__init__()
+        REC.record("neuronx_distributed.quantization.QuantizedLayer", cls=type(self).__name__,
+                   quantization_type=quantization_type, quantized_dtype=quantized_dtype,
+                   quantization_per_channel_axis=quantization_per_channel_axis, scale_dtype=scale_dtype)
+        self.tp, self.gather_output = REC.tp, gather_output
+        rows, cols = self._weight_shape(input_size, output_size)
+        self.weight = nn.Parameter(torch.zeros(rows, cols, dtype=quantized_dtype), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(rows if self._scale_split else output_size, 1, dtype=scale_dtype),
+                                  requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(output_size // self.tp, dtype=dtype), requires_grad=False) if bias else None
+
+    _scale_split = True
+
+    def _weight_shape(self, input_size, output_size):
+        return output_size // self.tp, input_size
+
+    def forward(self, x):
+        assert x.dim() == 3, "NxD parallel layers take [batch, seq, hidden]"
+        if self.tp > 1:
+            raise RuntimeError("the double cannot gather or reduce across ranks")
+        out = F.linear(x, self.weight.to(x.dtype))
+        out = (out.to(torch.float32) * self.scale.T).to(out.dtype)  # dequantize.scale_dequantize
+        return out + self.bias if self.bias is not None else out
+
+
+class QuantizedRowParallel(QuantizedColumnParallel):
+    """Row-parallel: weight [out, in/tp]; the scale [out, 1] is not split (the outputs are not)."""
+
+    _scale_split = False
+
+    def __init__(self, input_size, output_size, bias=True, quantization_type="per_tensor_symmetric",
+                 input_is_parallel=False, dtype=torch.float32, **kwargs):
+        super().__init__(input_size, output_size, bias=bias, quantization_type=quantization_type,
+                         gather_output=False, dtype=dtype, **kwargs)
+
+    def _weight_shape(self, input_size, output_size):
+        return output_size, input_size // self.tp
+
+
 def shard_checkpoint(checkpoint, model, start_rank=None, end_rank=None, load_on_device=False, serialize_path=None):
     tp = REC.tp
     start = 0 if start_rank is None else start_rank
@@ -172,8 +218,12 @@ def shard_checkpoint(checkpoint, model, start_rank=None, end_rank=None, load_on_
         for name in model.state_dict():
             full = checkpoint[name]  # KeyError: "must contain all model parameters"
             owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            dim = 0 if isinstance(owner, ColumnParallelLinear) else (
-                1 if isinstance(owner, RowParallelLinear) and name.endswith("weight") else None)
+            if isinstance(owner, QuantizedRowParallel):
+                dim = 1 if name.endswith("weight") else None
+            elif isinstance(owner, (ColumnParallelLinear, QuantizedColumnParallel)):
+                dim = 0
+            else:
+                dim = 1 if isinstance(owner, RowParallelLinear) and name.endswith("weight") else None
             shard[name] = full.chunk(tp, dim)[rank] if dim is not None else full
         out.append(shard)
     return out
@@ -241,12 +291,15 @@ class NxDModel(nn.Module):
         REC.record("NxDModel.set_weights", sharded_checkpoint=sharded_checkpoint)
         assert len(sharded_checkpoint) == self.world_size, "one state dict per rank"
         expected = {n: t.shape for n, t in self.module.state_dict().items()}
+        dtypes = {n: t.dtype for n, t in self.module.state_dict().items()}
         for rank, weights in enumerate(sharded_checkpoint):
             assert set(weights) == set(expected), (f"rank {rank}: missing {sorted(set(expected) - set(weights))}, "
                                                    f"unexpected {sorted(set(weights) - set(expected))}")
             if self.world_size == 1:
                 for name, t in weights.items():
                     assert t.shape == expected[name], (name, t.shape, expected[name])
+            for name, t in weights.items():  # int8 where an int8 layer expects it, and nowhere else
+                assert (t.dtype == torch.int8) == (dtypes[name] == torch.int8), (name, t.dtype, dtypes[name])
         self.rank_weights = list(sharded_checkpoint)
 
     def to_neuron(self):
@@ -299,6 +352,11 @@ def install(monkeypatch, with_nxd: bool = True) -> Recorder:
     if with_nxd:
         layers = module("neuronx_distributed.parallel_layers", ColumnParallelLinear=ColumnParallelLinear,
                         RowParallelLinear=RowParallelLinear)
+        quantized = module("neuronx_distributed.quantization.quantization_layers",
+                           QuantizedColumnParallel=QuantizedColumnParallel, QuantizedRowParallel=QuantizedRowParallel)
+        monkeypatch.setitem(sys.modules, "neuronx_distributed.quantization", module(
+            "neuronx_distributed.quantization", quantization_layers=quantized))
+        monkeypatch.setitem(sys.modules, "neuronx_distributed.quantization.quantization_layers", quantized)
         monkeypatch.setitem(sys.modules, "neuronx_distributed", module(
             "neuronx_distributed", ModelBuilder=ModelBuilder, NxDModel=NxDModel, NxDParallelState=NxDParallelState,
             shard_checkpoint=shard_checkpoint, parallel_layers=layers))
