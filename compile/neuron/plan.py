@@ -110,7 +110,7 @@ def hbm_per_core(cfg: CompileConfig, model: ModelConfig) -> HbmEstimate:
     weights = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
-        weights += (4 if name == "rope.inv_freq" else size) * (n // tp if tp > 1 and sharded(name) else n)
+        weights += (4 if name.startswith("rope.") else size) * (n // tp if tp > 1 and sharded(name) else n)
     kv = sum(math.prod(shape) for shape in cache_shapes(model, cfg.num_cache_rows, cfg.max_model_len, tp))
     graphs = tuple(GraphAllowance(s.name, NEFF_ALLOWANCE_BYTES, scratch_bytes(s, cfg, model)) for s in tags(cfg))
     return HbmEstimate(weights, kv * size, graphs, flags.HBM_PER_CORE_GIB[cfg.neuron_target or "inf2"])
