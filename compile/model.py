@@ -2,7 +2,10 @@
 
 Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
 (sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings) and Qwen3ForCausalLM
-(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias).
+(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias), Gemma2ForCausalLM and
+Gemma3ForCausalLM (text): RMSNorm scaling by (1 + weight), GeGLU, norms before and after the attention and the
+MLP, embeddings times sqrt(hidden), a query scale of its own, tanh soft-capping of attention scores and final
+logits (Gemma 2), sliding-window and global layers mixed, and a second rope base for the sliding layers (Gemma 3).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -26,6 +29,7 @@ graphs never copy the span (split_attention).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -34,7 +38,9 @@ import torch.nn.functional as F
 
 from compile.quantize import SCALE_SUFFIX, is_quantized_projection
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # hidden_act: SwiGLU (Llama, Qwen) or GeGLU with tanh GELU (Gemma)
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -68,6 +74,22 @@ class ModelConfig:
     # Qwen3: an RMSNorm over each head's q and k (self_attn.q_norm / k_norm, [head_dim]) before rope.
     # NOTE: defaulted, so a manifest written before the field existed still reads (as False).
     qk_norm: bool = False
+    # Gemma 2/3 (every field defaulted to the Llama behaviour, so older manifests still read):
+    hidden_act: str = "silu"                 # the MLP's gate activation (ACTIVATIONS)
+    # RMSNorm scales by (1 + weight), in float32 before the one cast to the dtype, as transformers' GemmaRMSNorm
+    # (the stored weight is the checkpoint's own; adding 1 at load would round 1 + w to bf16)
+    norm_add_one: bool = False
+    embedding_multiplier: float = 1.0       # embeddings times this (sqrt(hidden)), the factor rounded to the dtype
+    # norms around both sublayers: post_attention_layernorm on the attention's output, pre_feedforward_layernorm
+    # before and post_feedforward_layernorm after the MLP (post_attention_layernorm is then no pre-MLP norm)
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by its -1/2 power instead of head_dim's
+    attn_logit_softcapping: Optional[float] = None   # scores -> tanh(scores / cap) * cap before the mask
+    final_logit_softcapping: Optional[float] = None  # logits -> tanh(logits / cap) * cap, in float32
+    # Layers that ignore sliding_window (attend to the whole past); empty: the window (if any) is every layer's.
+    full_attention_layers: tuple[int, ...] = ()
+    # Gemma 3: the sliding layers' rope base (rope.local_inv_freq, default rope); None: one rope for every layer
+    rope_local_base_freq: Optional[float] = None
     # Weight format of the decoder's projections: None (the dtype) or "int8" (compile/quantize.py: int8
     # weights with a float32 scale per output channel). Defaulted, as qk_norm.
     quantization: Optional[str] = None
@@ -75,6 +97,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["full_attention_layers"] = list(self.full_attention_layers)
         return d
 
     @classmethod
@@ -85,11 +108,36 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model config field(s) {', '.join(unknown)} unknown to this Kiln (written by a newer "
                              f"version?); upgrade Kiln or recompile the artifact")
-        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
+        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]),
+                      "full_attention_layers": tuple(d.get("full_attention_layers", ()))})
 
     @property
     def num_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_scale(self) -> float:
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar ** -0.5  # as transformers' Gemma attention computes it
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def layer_window(self, i: int) -> Optional[int]:
+        """Layer i's sliding window (None: it attends to the whole past)."""
+        return None if i in self.full_attention_layers else self.sliding_window
+
+    def layer_rope(self, i: int) -> str:
+        """The inv_freq tensor layer i's rope uses: Gemma 3's sliding layers have a base of their own."""
+        local = self.rope_local_base_freq is not None and self.layer_window(i) is not None
+        return "rope.local_inv_freq" if local else "rope.inv_freq"
+
+    @property
+    def layer_windows(self) -> tuple[Optional[int], ...]:
+        """The distinct windows of the layers, in layer order (one mask is built per window)."""
+        return tuple(dict.fromkeys(self.layer_window(i) for i in range(self.num_layers)))
+
+    @property
+    def layer_ropes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.layer_rope(i) for i in range(self.num_layers)))
 
 
 def projection_names(cfg: ModelConfig, name: str, bias: bool = False) -> list[str]:
@@ -103,7 +151,7 @@ def projection_names(cfg: ModelConfig, name: str, bias: bool = False) -> list[st
 def weight_names(cfg: ModelConfig) -> list[str]:
     """Every tensor the graphs take, in the fixed order they are passed (HF names; int8 scales after
     their weights)."""
-    names = ["model.embed_tokens.weight", "rope.inv_freq"]
+    names = ["model.embed_tokens.weight", *rope_names(cfg)]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight"]
@@ -111,13 +159,24 @@ def weight_names(cfg: ModelConfig) -> list[str]:
             names += projection_names(cfg, p + f"self_attn.{proj}", cfg.attention_bias)
         if cfg.qk_norm:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight"]
+        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight",
+                                                                   *feedforward_norms(cfg, p)]
         for proj in ("gate_proj", "up_proj", "down_proj"):
             names += projection_names(cfg, p + f"mlp.{proj}")
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
+
+
+def rope_names(cfg: ModelConfig) -> list[str]:
+    return ["rope.inv_freq"] + (["rope.local_inv_freq"] if cfg.rope_local_base_freq is not None else [])
+
+
+def feedforward_norms(cfg: ModelConfig, prefix: str) -> list[str]:
+    if not cfg.sandwich_norms:
+        return []
+    return [prefix + "pre_feedforward_layernorm.weight", prefix + "post_feedforward_layernorm.weight"]
 
 
 def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
@@ -129,13 +188,14 @@ def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
         return weight_names(cfg)
     if variant != CPU_ONEDNN:
         raise ValueError(f"unknown graph variant {variant!r} (known: {', '.join(GRAPH_VARIANTS)})")
-    names = ["model.embed_tokens.weight", "rope.inv_freq"]
+    names = ["model.embed_tokens.weight", *rope_names(cfg)]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight"] + _fused_names(cfg, p + "self_attn.qkv_proj", cfg.attention_bias)
         if cfg.qk_norm:
             names.append(p + "self_attn.qk_norm.weight")
-        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight"]
+        names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight",
+                                                                   *feedforward_norms(cfg, p)]
         names += _fused_names(cfg, p + "mlp.gate_up_proj") + projection_names(cfg, p + "mlp.down_proj")
     return names + ["model.norm.weight", "lm_head.weight"]
 
@@ -189,6 +249,8 @@ class Weights:
         return y if bias is None else y + bias
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.cfg.norm_add_one:
+            return rms_norm_add_one(x, self._by_name[name], self.cfg.rms_norm_eps)
         return rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps)
 
 
@@ -209,6 +271,9 @@ class OneDNNWeights(Weights):
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # NOTE: one kernel instead of eight ops; it rounds to the dtype once where HF rounds twice
         # (the same in float32, at most one bf16 ulp apart in bfloat16).
+        if self.cfg.norm_add_one:  # float32 throughout, one rounding at the end, as transformers' GemmaRMSNorm
+            normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.cfg.rms_norm_eps)
+            return (normed * (1.0 + self._by_name[name].to(torch.float32))).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), self._by_name[name], self.cfg.rms_norm_eps)
 
 
@@ -223,12 +288,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
-def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype):
-    """positions [...] int64 -> cos, sin [..., head_dim] (HF's formula, incl. attention scaling)."""
-    freqs = positions[..., None].to(torch.float32) * w["rope.inv_freq"].to(torch.float32)
+def rms_norm_add_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x normalised and scaled by (1 + weight), both in float32, then cast once."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.to(torch.float32))).to(x.dtype)
+
+
+def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype, inv_freq: str = "rope.inv_freq"):
+    """positions [...] int64 -> cos, sin [..., head_dim] (HF's formula, incl. attention scaling).
+    inv_freq "rope.local_inv_freq": Gemma 3's sliding layers' default rope (no attention scaling)."""
+    freqs = positions[..., None].to(torch.float32) * w[inv_freq].to(torch.float32)
     emb = torch.cat((freqs, freqs), dim=-1)
-    scale = w.cfg.rope_attention_scaling
+    scale = w.cfg.rope_attention_scaling if inv_freq == "rope.inv_freq" else 1.0
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def layer_ropes(w: Weights, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
+    """cos, sin [..., 1, D] per inv_freq tensor the layers use (one for every family but Gemma 3)."""
+    out = {}
+    for name in w.cfg.layer_ropes:
+        cos, sin = rope_cos_sin(w, positions, dtype, name)
+        out[name] = cos[..., None, :], sin[..., None, :]
+    return out
+
+
+def embed(w: Weights, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings; Gemma's times sqrt(hidden), the factor first rounded to the dtype as transformers does."""
+    table = w["model.embed_tokens.weight"]
+    h = F.embedding(input_ids, table)
+    if w.cfg.embedding_multiplier != 1.0:
+        h = h * round_to_dtype(w.cfg.embedding_multiplier, table.dtype)
+    return h
+
+
+def round_to_dtype(x: float, dtype: torch.dtype) -> float:
+    """x as a float32 and then as dtype (round to nearest even), in plain Python: a torch.tensor made here would
+    become a constant of the exported graph."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    if dtype == torch.bfloat16:
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    elif dtype == torch.float16:
+        return float(struct.unpack("<e", struct.pack("<e", struct.unpack("<f", struct.pack("<I", bits))[0]))[0])
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """tanh(x / cap) * cap (Gemma 2's soft-capping); x unchanged when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -247,7 +354,10 @@ def qkv(w: Weights, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if w.variant == CPU_ONEDNN:  # q/k/v fused into one projection
         y = w.linear(h, p + "qkv_proj").view(t, heads + 2 * kv, cfg.head_dim)
         qk = y[:, :heads + kv]
-        if cfg.qk_norm:  # one normalisation over q and k together, then each head's row of its weight
+        if cfg.qk_norm and cfg.norm_add_one:  # Gemma 3: (1 + weight), float32 until one final cast
+            normed = F.rms_norm(qk.to(torch.float32), (cfg.head_dim,), None, cfg.rms_norm_eps)
+            qk = (normed * (1.0 + w[p + "qk_norm.weight"].to(torch.float32))).to(qk.dtype)
+        elif cfg.qk_norm:  # one normalisation over q and k together, then each head's row of its weight
             qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.rms_norm_eps) * w[p + "qk_norm.weight"]
         qk = apply_rope(qk, cos, sin)  # one rope over q and k together
         return qk[:, :heads], qk[:, heads:], y[:, heads + kv:]
@@ -261,20 +371,44 @@ def qkv(w: Weights, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def activation(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+    return F.gelu(x, approximate="tanh") if cfg.hidden_act == "gelu_pytorch_tanh" else F.silu(x)
+
+
 def mlp(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
     p = f"model.layers.{i}.mlp."
     if w.variant == CPU_ONEDNN:  # gate/up fused into one projection
         gate_up = w.linear(h, p + "gate_up_proj")
         inter = w.cfg.intermediate_size
-        return w.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], p + "down_proj")
-    return w.linear(F.silu(w.linear(h, p + "gate_proj")) * w.linear(h, p + "up_proj"), p + "down_proj")
+        return w.linear(activation(w.cfg, gate_up[:, :inter]) * gate_up[:, inter:], p + "down_proj")
+    return w.linear(activation(w.cfg, w.linear(h, p + "gate_proj")) * w.linear(h, p + "up_proj"), p + "down_proj")
 
 
-def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-    """True where a query at query_pos may attend to a key at key_pos (causal, sliding window)."""
+def layer_residuals(w: Weights, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The layer's output from its input h and its attention's [rows, H*D] output: the o_proj and MLP residuals,
+    with Gemma's norms on both sides of each sublayer when cfg.sandwich_norms."""
+    p = f"model.layers.{i}."
+    out = w.linear(attn, p + "self_attn.o_proj")
+    if not w.cfg.sandwich_norms:
+        h = h + out
+        return h + mlp(w, i, w.norm(h, p + "post_attention_layernorm.weight"))
+    h = h + w.norm(out, p + "post_attention_layernorm.weight")
+    return h + w.norm(mlp(w, i, w.norm(h, p + "pre_feedforward_layernorm.weight")),
+                      p + "post_feedforward_layernorm.weight")
+
+
+_ALL_LAYERS = object()
+
+
+def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor, window=_ALL_LAYERS) -> torch.Tensor:
+    """True where a query at query_pos may attend to a key at key_pos (causal, sliding window).
+    window: a layer's (ModelConfig.layer_window, None = none); by default cfg.sliding_window."""
+    window = cfg.sliding_window if window is _ALL_LAYERS else window
     allowed = key_pos <= query_pos
-    if cfg.sliding_window is not None:
-        allowed = allowed & (key_pos > query_pos - cfg.sliding_window)
+    if window is not None:
+        allowed = allowed & (key_pos > query_pos - window)
     return allowed
 
 
@@ -293,7 +427,8 @@ def prefill_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: tor
     4x slower than eager transformers. K/V are expanded to H heads (cheap at prefill) rather than
     using enable_gqa, which not every lowering of the frozen torch 2.9 stack handles.
     Device graphs (fused=False) spell the attention out with a float32 softmax over scores plus the
-    finite bias, as NxD Inference does: SDPA's math lowering compares scores against -inf.
+    finite bias, as NxD Inference does: SDPA's math lowering compares scores against -inf. So does a
+    model with attention soft-capping (Gemma 2; no SDPA kernel caps scores), there with a bool mask on CPU.
     """
     k = k.repeat_interleave(cfg.num_groups, dim=0)
     v = v.repeat_interleave(cfg.num_groups, dim=0)
@@ -301,7 +436,11 @@ def prefill_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: tor
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
                                              scale=scale)[0]             # [H, S, D]
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.float32) * scale + mask.to(torch.float32)
+        scores = softcap(torch.matmul(q, k.transpose(-1, -2)).to(torch.float32) * scale, cfg.attn_logit_softcapping)
+        if mask.dtype == torch.bool:
+            scores = torch.where(mask, scores, torch.full((), MASK_VALUE, dtype=scores.dtype, device=scores.device))
+        else:
+            scores = scores + mask.to(torch.float32)
         out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [H, S, D]
     return out.transpose(0, 1).reshape(q.shape[1], cfg.num_heads * cfg.head_dim)
 
@@ -326,7 +465,13 @@ def block_causal_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v
 
 def final_logits(w: Weights, h: torch.Tensor) -> torch.Tensor:
     h = w.norm(h, "model.norm.weight")
-    return w.linear(h, "lm_head").to(torch.float32)
+    # NOTE: Gemma 2's cap is applied in float32 (transformers caps in the dtype; the same in float32).
+    return softcap(w.linear(h, "lm_head").to(torch.float32), w.cfg.final_logit_softcapping)
+
+
+def explicit_masks(w: Weights) -> bool:
+    """Every attention gets a materialised mask and spells the scores out: device graphs, and soft-capping."""
+    return w.finite_masks or w.cfg.attn_logit_softcapping is not None
 
 
 def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_index: torch.Tensor,
@@ -343,32 +488,37 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
     s = input_ids.shape[0]
     # NOTE: index tensors made on the inputs' device: a traced graph (XLA, Neuron) cannot mix in CPU tensors.
     positions = start_pos + torch.arange(s, dtype=torch.int64, device=input_ids.device)
-    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
-    cos, sin = cos[:, None, :], sin[:, None, :]                     # [S, 1, D]
-    mask = None  # plain causal: SDPA's is_causal
-    if past_k is not None or cfg.sliding_window is not None or w.finite_masks:
-        mask = key_mask(cfg, positions[None, :], positions[:, None])  # [S, S]
-    if past_k is not None:
-        past_pos = torch.arange(past_k.shape[2], dtype=torch.int64, device=input_ids.device)
-        past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None])
-        mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
-    if w.finite_masks:
-        mask = additive_mask(mask, cos.dtype)
-    return prefill_layers(w, input_ids, cos, sin, mask, last_index.view(1), past_k, past_v)
+    ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [S, 1, D]
+    masks = {}  # one per distinct layer window
+    for window in cfg.layer_windows:
+        mask = None  # plain causal: SDPA's is_causal
+        if past_k is not None or window is not None or explicit_masks(w):
+            mask = key_mask(cfg, positions[None, :], positions[:, None], window)  # [S, S]
+        if past_k is not None:
+            past_pos = torch.arange(past_k.shape[2], dtype=torch.int64, device=input_ids.device)
+            past_mask = (past_pos[None, :] < start_pos) & key_mask(cfg, past_pos[None, :], positions[:, None], window)
+            mask = torch.cat((past_mask, mask), dim=-1)                 # [S, P+S]
+        if w.finite_masks:
+            mask = additive_mask(mask, w["model.embed_tokens.weight"].dtype)
+        masks[window] = mask
+    return prefill_layers(w, input_ids, ropes, masks, last_index.view(1), past_k, past_v)
 
 
-def prefill_layers(w: Weights, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: Optional[torch.Tensor], last_indices: torch.Tensor,
+def prefill_layers(w: Weights, input_ids: torch.Tensor, ropes: dict[str, tuple], masks: dict,
+                   last_indices: torch.Tensor,
                    past_k: Optional[torch.Tensor] = None, past_v: Optional[torch.Tensor] = None,
                    causal_block: int = 0):
     """The decoder over S prompt tokens (prefill and packed_prefill): logits [R, V] float32 at
     last_indices [R], new_k/new_v [L, KV, S, D]. With past_k/past_v the keys are the past then the new.
+    ropes: cos, sin per inv_freq name (layer_ropes); masks: per layer window (ModelConfig.layer_window).
     causal_block > 0: the mask never lets a token see a later one (block_causal_attention)."""
     cfg = w.cfg
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [S, hidden]
+    scale = cfg.attention_scale
+    h = embed(w, input_ids)                                          # [S, hidden]
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
+        cos, sin = ropes[cfg.layer_rope(i)]
+        mask = masks[cfg.layer_window(i)]
         x = w.norm(h, f"model.layers.{i}.input_layernorm.weight")
         q, k, v = qkv(w, i, x, cos, sin)
         k, v = k.transpose(0, 1), v.transpose(0, 1)                 # [KV, S, D]
@@ -377,12 +527,11 @@ def prefill_layers(w: Weights, input_ids: torch.Tensor, cos: torch.Tensor, sin: 
         if past_k is not None:
             k = torch.cat((past_k[i], k), dim=1)                    # [KV, P+S, D]
             v = torch.cat((past_v[i], v), dim=1)
-        if causal_block and not w.finite_masks:
+        if causal_block and not explicit_masks(w):
             attn = block_causal_attention(cfg, q.transpose(0, 1), k, v, mask, scale, causal_block)
         else:
-            attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not w.finite_masks)
-        h = h + w.linear(attn, f"model.layers.{i}.self_attn.o_proj")
-        h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
+            attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not explicit_masks(w))
+        h = layer_residuals(w, i, h, attn)
     logits = final_logits(w, h.index_select(0, last_indices))
     return logits, torch.stack(new_k), torch.stack(new_v)
 
@@ -402,31 +551,35 @@ def packed_prefill(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     bucket (a 150-token prompt at 256 computes 41% padding); several packed into one bucket pad once.
     """
     cfg = w.cfg
-    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
-    cos, sin = cos[:, None, :], sin[:, None, :]                     # [T, 1, D]
-    mask = (segments[None, :] == segments[:, None]) & key_mask(cfg, positions[None, :], positions[:, None])
-    if w.finite_masks:
-        mask = additive_mask(mask, cos.dtype)
-    return prefill_layers(w, input_ids, cos, sin, mask, last_indices, causal_block=PACKED_ATTENTION_BLOCK)
+    ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [T, 1, D]
+    same = segments[None, :] == segments[:, None]
+    masks = {}
+    for window in cfg.layer_windows:
+        mask = same & key_mask(cfg, positions[None, :], positions[:, None], window)
+        masks[window] = additive_mask(mask, w["model.embed_tokens.weight"].dtype) if w.finite_masks else mask
+    return prefill_layers(w, input_ids, ropes, masks, last_indices, causal_block=PACKED_ATTENTION_BLOCK)
 
 
 def split_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor,
-                    cached: torch.Tensor, scale: float) -> torch.Tensor:
+                    cached: torch.Tensor, scale: float, cap: Optional[float] = None) -> torch.Tensor:
     """PORTABLE decode attention: scores over the span and the new token's own score apart, one
     softmax over both. qg [B, KV, G, D], k/v [B, KV, D], spans [B, KV, K, D], cached [B, 1, 1, K] bool
-    -> [B, KV, G, D]. The span is never copied (a graph on the device reads its cache in place)."""
+    -> [B, KV, G, D]. The span is never copied (a graph on the device reads its cache in place).
+    cap: attention soft-capping (Gemma 2), applied to the scores before the mask."""
     span = k_span.shape[2]
     # NOTE: K @ q^T, not q @ K^T: the span is the left operand with dense rows (6% faster on CPU).
-    past = torch.matmul(k_span, qg.transpose(-1, -2)).transpose(-1, -2).to(torch.float32) * scale  # [B, KV, G, K]
+    past = softcap(torch.matmul(k_span, qg.transpose(-1, -2)).transpose(-1, -2).to(torch.float32) * scale,
+                   cap)  # [B, KV, G, K]
     # NOTE: where with a tensor, not masked_fill with a Python float: XLA makes that scalar an f64 input.
     past = torch.where(cached, past, torch.full((), MASK_VALUE, dtype=past.dtype, device=past.device))
-    own = (qg * k[:, :, None, :]).sum(-1, keepdim=True).to(torch.float32) * scale  # [B, KV, G, 1]
+    own = softcap((qg * k[:, :, None, :]).sum(-1, keepdim=True).to(torch.float32) * scale, cap)  # [B, KV, G, 1]
     probs = torch.softmax(torch.cat((past, own), dim=-1), dim=-1).to(v.dtype)
     return torch.matmul(probs[..., :span], v_span) + probs[..., span:] * v[:, :, None, :]
 
 
 def appended_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_span: torch.Tensor,
-                       v_span: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+                       v_span: torch.Tensor, bias: torch.Tensor, scale: float,
+                       cap: Optional[float] = None) -> torch.Tensor:
     """CPU_ONEDNN decode attention: the new token's K/V appended to the span, then one masked softmax
     between two batched matmuls, as transformers does. bias [B, 1, 1, K+1] float32 (0 or MASK_VALUE).
 
@@ -436,7 +589,7 @@ def appended_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_spa
     """
     keys = torch.cat((k_span, k[:, :, None, :]), dim=2)            # [B, KV, K+1, D]
     values = torch.cat((v_span, v[:, :, None, :]), dim=2)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).to(torch.float32) * scale + bias
+    scores = softcap(torch.matmul(qg, keys.transpose(-1, -2)).to(torch.float32) * scale, cap) + bias
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), values)
 
 
@@ -450,28 +603,30 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     """
     cfg = w.cfg
     b, span = input_ids.shape[0], k_span.shape[3]
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
-    cos, sin = cos[:, None, :], sin[:, None, :]                     # [B, 1, D]
+    scale = cfg.attention_scale
+    ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [B, 1, D]
     key_pos = torch.arange(span, dtype=torch.int64, device=input_ids.device)
-    cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None])
-    cached = cached[:, None, None, :]                               # [B, 1, 1, K]
     append = w.variant == CPU_ONEDNN and k_span[0].numel() * k_span.element_size() <= APPEND_MAX_SPAN_BYTES
-    if append:  # additive mask over the span and the new token appended after it
-        own = torch.ones_like(cached[..., :1])
-        cached = torch.where(torch.cat((cached, own), dim=-1), 0.0, MASK_VALUE)  # [B, 1, 1, K+1] float32
-    h = F.embedding(input_ids, w["model.embed_tokens.weight"])      # [B, hidden]
+    masks = {}  # one per distinct layer window
+    for window in cfg.layer_windows:
+        cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None], window)
+        cached = cached[:, None, None, :]                           # [B, 1, 1, K]
+        if append:  # additive mask over the span and the new token appended after it
+            own = torch.ones_like(cached[..., :1])
+            cached = torch.where(torch.cat((cached, own), dim=-1), 0.0, MASK_VALUE)  # [B, 1, 1, K+1] float32
+        masks[window] = cached
+    h = embed(w, input_ids)                                          # [B, hidden]
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
+        cos, sin = ropes[cfg.layer_rope(i)]
         x = w.norm(h, f"model.layers.{i}.input_layernorm.weight")
         q, k, v = qkv(w, i, x, cos, sin)                            # q [B, H, D], k/v [B, KV, D]
         new_k.append(k)
         new_v.append(v)
         qg = q.reshape(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
         attend = appended_attention if append else split_attention
-        attn = attend(qg, k, v, k_span[i], v_span[i], cached, scale)
-        h = h + w.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), f"model.layers.{i}.self_attn.o_proj")
-        h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
+        attn = attend(qg, k, v, k_span[i], v_span[i], masks[cfg.layer_window(i)], scale, cfg.attn_logit_softcapping)
+        h = layer_residuals(w, i, h, attn.reshape(b, cfg.num_heads * cfg.head_dim))
     return final_logits(w, h), torch.stack(new_k), torch.stack(new_v)
 
 

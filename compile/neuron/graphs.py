@@ -45,6 +45,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every stored tensor, from the config alone (the dry run never loads weights)."""
     hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+                 # sandwich_norms (Gemma): replicated like every norm
+                 "pre_feedforward_layernorm.weight": (hidden,), "post_feedforward_layernorm.weight": (hidden,),
                  "self_attn.q_proj.weight": (q_out, hidden), "self_attn.q_proj.bias": (q_out,),
                  "self_attn.k_proj.weight": (kv_out, hidden), "self_attn.k_proj.bias": (kv_out,),
                  "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.v_proj.bias": (kv_out,),
@@ -56,6 +58,7 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         per_layer.update({name.replace(".weight", SCALE_SUFFIX): (shape[0], 1) for name, shape in per_layer.items()
                           if name.endswith(".weight") and name.rsplit(".", 1)[0] in QUANTIZED_PROJECTIONS})
     fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.head_dim // 2,),
+             "rope.local_inv_freq": (cfg.head_dim // 2,),  # Gemma 3's sliding layers
              "model.norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
     shapes = {}
     for name in weight_names(cfg):
@@ -187,7 +190,7 @@ class NeuronBucketGraph(nn.Module):
             if any(name.startswith(prefix + ".") for prefix in self.parallel):
                 continue
             *path, leaf = name.split(".")
-            t_dtype = torch.float32 if name == "rope.inv_freq" else dtype
+            t_dtype = torch.float32 if name.startswith("rope.") else dtype
             _child(self, path).register_parameter(leaf, nn.Parameter(stub(shapes[name], t_dtype), requires_grad=False))
         k_shape, v_shape = cache_shapes(cfg, num_slots, max_len, tp_degree)
         # NOTE: non-persistent, so the cache is state, not a weight: set_weights never sees it.

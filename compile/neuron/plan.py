@@ -90,7 +90,7 @@ def sharded(name: str) -> bool:
 def element_bytes(name: str, model: ModelConfig, dtype: str) -> int:
     """Bytes per element of a stored tensor: rope's inv_freq and int8 scales are float32, int8 projection
     weights one byte, everything else the artifact's dtype."""
-    if name == "rope.inv_freq" or name.endswith(SCALE_SUFFIX):
+    if name.startswith("rope.") or name.endswith(SCALE_SUFFIX):
         return 4
     if model.quantization and name.endswith(".weight") and is_quantized_projection(name.removesuffix(".weight")):
         return 1

@@ -40,27 +40,60 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory, smollm2_tokenizer_dir):
+    return compiled_variant(request.param, *VARIANTS[request.param], tmp_path_factory, smollm2_tokenizer_dir)
+
+
+# Gemma (tests/tiny_models.py TINY_GEMMA: window 12, query_pre_attn_scalar 24, norms' weights around 0): one
+# artifact per family, fewer prompts (each family's artifact costs as much as all of a llama variant's calls).
+# Gemma 2 (caps 2 and 3 that bend scores and logits, alternating sliding and global layers) on cpu-onednn;
+# Gemma 3 (q/k norms, sliding layers' rope base 10000 and the global layers' 1e6 with linear scaling) portable.
+GEMMA3_ROPES = dict(layer_types=["sliding_attention", "full_attention"], rope_parameters={
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}})
+GEMMA_VARIANTS = {
+    "gemma2-softcap-onednn": ("gemma2", {}, "auto"),
+    "gemma3-local-rope-portable": ("gemma3", GEMMA3_ROPES, "portable"),
+}
+# under the window, past it in the first bucket, past the largest bucket (a chunk over a past span)
+GEMMA_PROMPT_LENGTHS = (5, 17, 65)
+GEMMA_SETTINGS = dict(PARITY_SETTINGS, kv_buckets=(64, 128))  # fewer decode graphs (the span edge at 64 stays)
+
+
+def compiled_variant(name, arch, overrides, kernels, tmp_path_factory, tokenizer_dir, settings=PARITY_SETTINGS):
     from transformers import AutoModelForCausalLM
-    arch, overrides, kernels = VARIANTS[request.param]
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir, arch, **overrides)
-    out = tmp_path_factory.mktemp("art") / request.param
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(name), tokenizer_dir, arch, **overrides)
+    out = tmp_path_factory.mktemp("art") / name
     with pytest.MonkeyPatch.context() as patch:
-        if request.param.endswith("-split"):
+        if name.endswith("-split"):
             patch.setattr(compile.model, "APPEND_MAX_SPAN_BYTES", 0)
-        build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **PARITY_SETTINGS), out, progress=False)
+        build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **settings), out, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     return load_artifact(out).runner, hf
 
 
-@pytest.mark.parametrize("length", PROMPT_LENGTHS)
-def test_greedy_tokens_and_logits_match_transformers(variant, length):
-    runner, hf = variant
+@pytest.fixture(scope="module", params=list(GEMMA_VARIANTS))
+def gemma_variant(request, tmp_path_factory, smollm2_tokenizer_dir):
+    return compiled_variant(request.param, *GEMMA_VARIANTS[request.param], tmp_path_factory, smollm2_tokenizer_dir,
+                            GEMMA_SETTINGS)
+
+
+def assert_greedy_parity(runner, hf, length):
     prompt = torch.randint(0, runner.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
     ours, our_logits = greedy_through_runner(runner, prompt, NEW_TOKENS)
     ref, ref_logits = hf_reference(hf, prompt, NEW_TOKENS)
     assert ours == ref
     rel = (our_logits - ref_logits).abs().max() / ref_logits.abs().max()
     assert rel < 1e-4, f"float32 logits differ by {rel:.2e} relative"
+
+
+@pytest.mark.parametrize("length", PROMPT_LENGTHS)
+def test_greedy_tokens_and_logits_match_transformers(variant, length):
+    assert_greedy_parity(*variant, length)
+
+
+@pytest.mark.parametrize("length", GEMMA_PROMPT_LENGTHS)
+def test_gemma_greedy_tokens_and_logits_match_transformers(gemma_variant, length):
+    assert_greedy_parity(*gemma_variant, length)
 
 
 def test_qwen3_config_reading_and_sliding_window_refusal():
@@ -107,6 +140,113 @@ def test_qwen3_gguf_reads_as_its_hf_folder(tmp_path, smollm2_tokenizer_dir):
     assert ours.config.head_dim == 32 and read_model_config(str(gguf_file)).head_dim == 32
     assert ours.weights.keys() == hf.weights.keys()
     assert all(torch.equal(ours.weights[n], t) for n, t in hf.weights.items())
+
+
+def test_gemma_config_reading_and_refusals():
+    """Gemma 2/3 configs in our terms (from model_type alone too, as GGUF configs come): which layers slide,
+    Gemma 3's two ropes, the caps; what is not Gemma 2/3 text is a one-line refusal naming it; a manifest written
+    before the Gemma fields existed reads as the Llama behaviour."""
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig
+
+    from compile.checkpoint import CheckpointError, model_config_from_hf
+    from compile.model import ModelConfig, weight_names
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, vocab_size=256, sliding_window=16)
+    g2 = model_config_from_hf(Gemma2Config(**base))  # no `architectures`: model_type "gemma2"
+    assert (g2.architecture, g2.hidden_act, g2.norm_add_one, g2.sandwich_norms, g2.qk_norm) == (
+        "Gemma2ForCausalLM", "gelu_pytorch_tanh", True, True, False)
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (50.0, 30.0, 256.0)
+    assert g2.embedding_multiplier == 8.0 and g2.attention_scale == 256 ** -0.5 and g2.tie_word_embeddings
+    assert g2.full_attention_layers == (1, 3, 5) and [g2.layer_window(i) for i in range(3)] == [16, None, 16]
+    assert g2.rope_local_base_freq is None and g2.layer_ropes == ("rope.inv_freq",)
+    assert "model.layers.5.post_feedforward_layernorm.weight" in weight_names(g2)
+    g3 = model_config_from_hf(Gemma3TextConfig(**base, rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    assert (g3.architecture, g3.qk_norm, g3.rope_type, g3.rope_theta, g3.rope_local_base_freq) == (
+        "Gemma3ForCausalLM", True, "linear", 1e6, 1e4)
+    assert g3.attn_logit_softcapping is g3.final_logit_softcapping is None
+    assert g3.full_attention_layers == (5,)  # five sliding layers, then a global one
+    assert [g3.layer_rope(i) for i in (4, 5)] == ["rope.local_inv_freq", "rope.inv_freq"]
+    assert weight_names(g3)[:3] == ["model.embed_tokens.weight", "rope.inv_freq", "rope.local_inv_freq"]
+    assert ModelConfig.from_dict(g3.to_dict()) == g3
+    refusals = [(Gemma3Config(), "architecture gemma3 is not supported"),  # the multimodal model
+                (Gemma2Config(**base, hidden_activation="gelu"), "Gemma2ForCausalLM with hidden activation gelu"),
+                (Gemma3TextConfig(**base, use_bidirectional_attention=True),
+                 "Gemma3ForCausalLM with use_bidirectional_attention=True")]
+    for hf, start in refusals:
+        with pytest.raises(CheckpointError) as err:
+            model_config_from_hf(hf)
+        assert "\n" not in str(err.value) and str(err.value).startswith(start), str(err.value)
+    gemma_fields = ("hidden_act", "norm_add_one", "embedding_multiplier", "sandwich_norms", "query_pre_attn_scalar",
+                    "attn_logit_softcapping", "final_logit_softcapping", "full_attention_layers",
+                    "rope_local_base_freq")
+    old = {k: v for k, v in g2.to_dict().items() if k not in gemma_fields}
+    plain = ModelConfig.from_dict({**old, "architecture": "LlamaForCausalLM"})
+    assert (plain.hidden_act, plain.norm_add_one, plain.full_attention_layers, plain.attention_scale) == (
+        "silu", False, (), 1.0 / 32 ** 0.5)  # as before the Gemma fields: 1 / sqrt(head_dim)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_reads_as_its_hf_folder(tmp_path, smollm2_tokenizer_dir, arch):
+    """A llama.cpp gemma2/gemma3 GGUF (every norm, q/k norms too, stored as 1 + w) gives the folder's config and
+    weights: gemma2's soft-caps (2 and 3 here, not Gemma2Config's 50 and 30) and gemma3's global rope scaling from
+    the file's own fields, which transformers' GGUF mapping skips; the query scale as llama.cpp's (head_dim's
+    below 27B), so the folder's is head_dim here. The file has no tokenizer
+    (test_qwen3_gguf_reads_as_its_hf_folder covers that path; parsing the SmolLM2 one costs ~10 s a load), so the
+    weights come through transformers' GGUF loader as load_checkpoint takes them."""
+    from transformers import AutoModelForCausalLM
+
+    from compile.checkpoint import gguf_hf_config, load_checkpoint, model_config_from_hf
+    from tiny_models import write_tiny_gguf
+    overrides = dict(query_pre_attn_scalar=16)
+    if arch == "gemma3":
+        overrides["rope_parameters"] = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}
+    folder = make_tiny_checkpoint(tmp_path / "hf", smollm2_tokenizer_dir, arch, **overrides)
+    gguf_file = write_tiny_gguf(folder, tmp_path / f"tiny-{arch}.gguf", arch, tokenizer=False)
+    ref = load_checkpoint(str(folder), torch.float32)
+    hf_config = gguf_hf_config(gguf_file)
+    ours = model_config_from_hf(hf_config)
+    assert ours.rms_norm_eps == pytest.approx(ref.config.rms_norm_eps, rel=1e-6)  # a float32 in the file
+    expected = {**ref.config.to_dict(), "rms_norm_eps": ours.rms_norm_eps, "bos_token_id": ours.bos_token_id,
+                "eos_token_ids": list(ours.eos_token_ids)}  # no tokenizer fields: the config class's ids
+    assert ours.to_dict() == expected
+    if arch == "gemma2":
+        assert (ours.attn_logit_softcapping, ours.final_logit_softcapping, ours.full_attention_layers) == (2, 3, (1,))
+    else:
+        assert (ours.rope_type, ours.rope_local_base_freq, ours.qk_norm) == ("linear", 1e4, True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_file.name, config=hf_config,
+                                                 dtype=torch.float32)
+    state = model.state_dict()
+    for name, t in ref.weights.items():  # norms went through 1 + w and back in float32: within an ulp of 1
+        if name.startswith("rope."):
+            continue
+        if name.endswith("norm.weight"):
+            torch.testing.assert_close(state[name], t, rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(state[name], t), name
+
+
+def test_gemma2_gguf_fields(tmp_path):
+    """gemma2's soft-caps come from the GGUF's own fields (transformers' mapping leaves Gemma2Config's 50 and 30);
+    the query scale is llama.cpp's: head_dim's, except the 27B's (46 layers) hidden / heads."""
+    import gguf
+    from transformers import Gemma2Config
+
+    from compile.checkpoint import gguf_gemma_fields
+    path = tmp_path / "caps.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_attn_logit_softcapping(20.0)
+    writer.add_final_logit_softcapping(10.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    small = Gemma2Config(hidden_size=3584, num_attention_heads=16, head_dim=256, num_hidden_layers=42)
+    gguf_gemma_fields(path, small)
+    assert (small.attn_logit_softcapping, small.final_logit_softcapping, small.query_pre_attn_scalar) == (20, 10, 256)
+    big = Gemma2Config(hidden_size=4608, num_attention_heads=32, head_dim=128, num_hidden_layers=46)
+    gguf_gemma_fields(path, big)
+    assert big.query_pre_attn_scalar == 144  # Gemma-2-27B's config.json says 144 too
 
 
 def test_batched_decode_rows_equal_single_rows(tiny_artifact):

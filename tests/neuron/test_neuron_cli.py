@@ -164,3 +164,32 @@ def test_dry_run_of_a_qwen3_8b_shaped_config_at_tp_8(tmp_path, capsys):
     # KV per rank: 8 sequence slots + 4 prefix-cache rows, 1 of 8 KV heads: 2 x 36x12x1x4096x128 x 2 B = 0.844 GiB
     assert "2 x 36x12x1x4096x128 x 2 B = 0.844 GiB (8 sequence slots + 4 prefix-cache rows; each row 72.0 MiB)" in text
     assert "of 16 GiB: fits" in text.split("total: ")[1].split("\n")[0]
+
+
+def test_dry_run_of_a_gemma_2_9b_config_at_tp_8(tmp_path, capsys):
+    """Gemma-2-9B's config.json, by hand (docs/neuron.md works it through): at tp 8 each rank holds the projections
+    and lm_head / 8 (tied in the checkpoint, but the device's lm_head is a weight of its own), and the embedding,
+    the four norms per layer and rope whole. Sliding layers keep every position too (no ring buffer)."""
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+        "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "vocab_size": 256000,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True, "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1}))
+    assert main(["--checkpoint", str(tmp_path), "--target", "neuron", "--neuron-target", "inf2", "--tp-degree", "8",
+                 "--max-num-seqs", "8", "--max-model-len", "8192", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert ("(Gemma2ForCausalLM, 42 layers, 16 heads, 8 KV heads, head_dim 256, hidden 3584, intermediate 14336, "
+            "vocab 256000)") in text
+    # per layer, split over 8: q 4096x3584, k and v 2048x3584, o 3584x4096, gate/up/down 14336x3584
+    split = (2 * 4096 * 3584 + 2 * 2048 * 3584 + 3 * 14336 * 3584) // 8   # 24,772,608
+    whole = 4 * 3584                                                      # input, post-attention, pre/post-FF norms
+    params = 256000 * 3584 + 256000 * 3584 // 8 + 3584 + 42 * (split + whole)  # embedding, lm_head / 8, final norm
+    by_hand = 2 * params + 4 * 128  # bf16, and rope.inv_freq (head_dim / 2) in float32: 4,146,494,976 B
+    assert by_hand == 4_146_494_976
+    assert f"weights, once per rank, shared by every graph: {by_hand / 2 ** 30:.3f} GiB" in text  # 3.862 GiB
+    # KV per rank: 8 sequence slots + 4 prefix-cache rows, 1 of 8 KV heads: 2 x 42x12x1x8192x256 x 2 B = 3.938 GiB
+    assert "2 x 42x12x1x8192x256 x 2 B = 3.938 GiB (8 sequence slots + 4 prefix-cache rows; each row 336.0 MiB)" in text
+    assert "total: 11.414 GiB of 16 GiB: fits" in text

@@ -14,6 +14,9 @@ which are plain linears there). It shows, per graph:
    rows = S, B or one slot's positions), never L x KV x max_len x D per write (NEURON.md §12);
 4. the greedy tokens equal the cpu target's math (compile.model run eagerly with the cache written
    outside the graph, as CpuRunner does), and only slot copies write the store rows.
+All of it for a Llama config and for a Gemma one (every Gemma feature at once: (1 + w) norms around both
+sublayers, q/k norms, head_dim 32, GeGLU, scaled embeddings, attention and final soft-capping, a window of 12
+on layer 0 only, and that sliding layer's own rope base).
 
 Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv
 (.ci/run does). Skipped wherever torch_xla is not importable (the main environment).
@@ -32,6 +35,7 @@ import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 
 import re  # noqa: E402
+from dataclasses import replace  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
@@ -43,10 +47,17 @@ from neuron import neuron_double  # noqa: E402
 pytestmark = pytest.mark.xla
 sync = getattr(torch_xla, "sync", xm.mark_step)  # torch_xla.sync is the newer name
 
-CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
-                  sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
+LLAMA = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
+                    sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
+# NOTE: head_dim 32 (q_proj wider than hidden, as Gemma's are): a cache of the Llama config's shape would let
+# XLA's compile cache serve the weightless copy_slot graph from the first config's run.
+GEMMA = replace(LLAMA, architecture="Gemma3ForCausalLM", head_dim=32, rope_theta=1e6, sliding_window=12,
+                qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_add_one=True, embedding_multiplier=8.0, sandwich_norms=True,
+                query_pre_attn_scalar=24.0, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                full_attention_layers=(1,), rope_local_base_freq=10000.0)
+CONFIGS = {"llama": LLAMA, "gemma": GEMMA}
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
 STORE = 2
@@ -63,24 +74,26 @@ def chunk_shape(n: int, start: int) -> tuple[int, int]:
     return next(c for c in CHUNKS if c >= n), next(p for p in PASTS if p >= start)
 
 
-def random_weights() -> dict[str, torch.Tensor]:
+def random_weights(CFG: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     weights = {}
     for name, shape in weight_shapes(CFG).items():
-        if name in ("rope.inv_freq", "lm_head.weight"):
+        if name.startswith("rope.") or name == "lm_head.weight":
             continue
         weights[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.08
     if "lm_head.weight" in weight_names(CFG):
         weights["lm_head.weight"] = torch.randn(CFG.vocab_size, CFG.hidden_size, generator=g) * 0.08
     d = CFG.head_dim
-    weights["rope.inv_freq"] = 1.0 / (CFG.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    for name, theta in (("rope.inv_freq", CFG.rope_theta), ("rope.local_inv_freq", CFG.rope_local_base_freq)):
+        if name in weight_names(CFG):
+            weights[name] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     return weights
 
 
 class CpuReference:
     """The cpu target's math: compile.model eagerly, new K/V written into host caches outside."""
 
-    def __init__(self, weights):
+    def __init__(self, CFG, weights):
         self.w = Weights(CFG, [weights[n] for n in weight_names(CFG)])
         self.k = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
         self.v = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
@@ -121,7 +134,7 @@ def install_parallel_layers() -> None:
 class XlaGraphs:
     """The one module on the XLA device: every tag reads and reassigns the same cache buffers."""
 
-    def __init__(self, weights):
+    def __init__(self, CFG, weights):
         install_parallel_layers()
         self.device = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
         module = NeuronBucketGraph(CFG, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
@@ -164,7 +177,7 @@ class XlaGraphs:
         self.run(COPY_SLOT.name, *(torch.tensor([v]) for v in (src, dst, length)))
 
 
-def workload(runner, seed: int) -> list[int]:
+def workload(runner, seed: int, vocab_size: int) -> list[int]:
     """Every bucket: prefill 16/32, chunked prompts (chunks of 16 and 32 at start 32), decode batches 1/2/4
     (one with a padding row) at spans 32 and 64, a sequence stored into a store row and resumed from it
     twice (chunks of 16 and 32 past start 32: the 64 span); slots re-prefilled in between, as the engine
@@ -183,7 +196,7 @@ def workload(runner, seed: int) -> list[int]:
         pos[slot] = len(ids)
 
     def prompt(slot, n):
-        ids = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+        ids = torch.randint(0, vocab_size, (n,), generator=g).tolist()
         prefill(slot, ids, 0)
         return ids
 
@@ -193,7 +206,7 @@ def workload(runner, seed: int) -> list[int]:
 
     def resume(slot, row, hit, n):  # a prefix-cache hit: the row's first `hit` positions, then n new tokens
         runner.copy_slot(SLOTS + row, slot, hit)
-        prefill(slot, stored[row][:hit] + torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist(), hit)
+        prefill(slot, stored[row][:hit] + torch.randint(0, vocab_size, (n,), generator=g).tolist(), hit)
 
     def step(rows):  # decode slots 0..rows-1
         logits = runner.decode([last[s] for s in range(rows)], [pos[s] for s in range(rows)])
@@ -264,28 +277,30 @@ def bad_negative_infinities(hlo: str) -> list[str]:
     return bad
 
 
-def own_kv_elements(spec: GraphSpec) -> int:
+def own_kv_elements(CFG: ModelConfig, spec: GraphSpec) -> int:
     rows = {"decode": spec.batch, "copy_slot": MAX_LEN}.get(spec.kind, spec.seq_len)
     return CFG.num_layers * CFG.num_kv_heads * rows * CFG.head_dim
 
 
-def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
-    weights = random_weights()
-    xla = XlaGraphs(weights)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target(name):
+    CFG = CONFIGS[name]
+    weights = random_weights(CFG)
+    xla = XlaGraphs(CFG, weights)
     before = compiles()
-    first = workload(xla, seed=1)
+    first = workload(xla, 1, CFG.vocab_size)
     after_first = compiles()
-    reference = CpuReference(weights)
-    assert first == workload(reference, seed=1)
+    reference = CpuReference(CFG, weights)
+    assert first == workload(reference, 1, CFG.vocab_size)
     state = xla.module.cache_k.cpu()
     # the store rows: row 0 holds exactly what copy_slot put there, row 1 was never written by any graph
     torch.testing.assert_close(state[:, SLOTS, :, :41], reference.k[:, SLOTS, :, :41], rtol=1e-4, atol=1e-4)
     assert not state[:, SLOTS, :, 41:].any() and not state[:, SLOTS + 1].any()
     assert sorted(xla.hlo) == sorted(s.name for s in SPECS)  # the workload ran every graph
     assert after_first - before == len(SPECS), met.short_metrics_report()
-    second = workload(xla, seed=2)  # same graphs, other tokens: nothing new to compile
+    second = workload(xla, 2, CFG.vocab_size)  # same graphs, other tokens: nothing new to compile
     assert compiles() == after_first, met.short_metrics_report()
-    assert second == workload(CpuReference(weights), seed=2)
+    assert second == workload(CpuReference(CFG, weights), 2, CFG.vocab_size)
     full_cache = CFG.num_layers * ROWS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
     for spec in SPECS:
         hlo = xla.hlo[spec.name]
@@ -294,4 +309,4 @@ def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
         ops = index_operands(hlo)
         assert any(op == "scatter" for op, _ in ops), spec.name  # the state update is in the graph
         for op, size in ops:
-            assert size <= own_kv_elements(spec) < full_cache, (spec.name, op, size, own_kv_elements(spec))
+            assert size <= own_kv_elements(CFG, spec) < full_cache, (spec.name, op, size, own_kv_elements(CFG, spec))
