@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from compile.model import SUPPORTED_ARCHITECTURES, ModelConfig, weight_names
+from compile.model import EXPERT_STACKS, SUPPORTED_ARCHITECTURES, ModelConfig, weight_names
 
 BUILTIN_MODELS = {
     # name -> (distribution, file inside it)
@@ -78,22 +78,38 @@ def source_sha256(path_or_name: str) -> str:
 
 def gguf_hf_config(path: Path) -> Any:
     """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
-    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one."""
+    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one. Its
+    qwen3moe mapping reads no expert_feed_forward_length, leaving moe_intermediate_size at 768 (Qwen3-30B-A3B's,
+    not Qwen3-235B-A22B's 1536); the file's is the real one."""
     from transformers import AutoConfig
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    arch = reader.get_field("general.architecture")
+    arch = arch.contents() if arch is not None else "?"
+    experts = reader.get_field(f"{arch}.expert_count")
+    if arch == "llama" and experts is not None and int(experts.contents()) > 0:
+        # NOTE: llama.cpp writes Mixtral as `llama` with experts; transformers 5.x reads a llama GGUF as a dense
+        # LlamaConfig and drops the ffn_*_exps tensors, so Kiln cannot read it through transformers.
+        raise CheckpointError(f"GGUF architecture llama with {int(experts.contents())} experts (Mixtral) is not "
+                              "supported: transformers reads it as a dense llama; compile the Hugging Face folder")
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hf.model_type == "qwen3":
-        from gguf import GGUFReader
-        field = GGUFReader(str(path)).get_field("qwen3.attention.key_length")
+        field = reader.get_field("qwen3.attention.key_length")
         if field is not None:
             hf.head_dim = int(field.contents())
+    if hf.model_type == "qwen3_moe":
+        field = reader.get_field("qwen3moe.expert_feed_forward_length")
+        if field is not None:
+            hf.moe_intermediate_size = int(field.contents())
     return hf
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
     archs = list(getattr(hf, "architectures", None) or [])
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type,
-                                                                                                   hf.model_type)
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                    "mixtral": "MixtralForCausalLM",
+                                    "qwen3_moe": "Qwen3MoeForCausalLM"}.get(hf.model_type, hf.model_type)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if getattr(hf, "mlp_bias", False):
@@ -109,7 +125,7 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     window = getattr(hf, "sliding_window", None)
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         window = qwen_sliding_window(hf, arch)
     attention_bias = arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
@@ -122,7 +138,27 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         sliding_window=int(window) if window else None,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
         bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
-        qk_norm=arch == "Qwen3ForCausalLM")
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), **moe_fields(hf, arch))
+
+
+def moe_fields(hf: Any, arch: str) -> dict:
+    """ModelConfig's mixture-of-experts fields: Mixtral's num_local_experts (every layer sparse, top-k always
+    renormalised, experts of intermediate_size); Qwen3-MoE's num_experts of moe_intermediate_size,
+    norm_topk_prob, and the dense layers transformers builds (mlp_only_layers, or not every decoder_sparse_step)."""
+    if arch == "MixtralForCausalLM":
+        experts, inter, norm, dense = hf.num_local_experts, hf.intermediate_size, True, ()
+    elif arch == "Qwen3MoeForCausalLM":
+        experts, inter, norm = hf.num_experts, hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        step, only = int(getattr(hf, "decoder_sparse_step", 1) or 1), set(getattr(hf, "mlp_only_layers", None) or ())
+        dense = tuple(i for i in range(hf.num_hidden_layers)
+                      if i in only or experts <= 0 or (i + 1) % step != 0)
+    else:
+        return {}
+    top_k = int(hf.num_experts_per_tok)
+    if experts <= 0 or not 0 < top_k <= experts:
+        raise CheckpointError(f"{arch} with {experts} experts and num_experts_per_tok={top_k} is not supported")
+    return dict(num_experts=int(experts), num_experts_per_tok=top_k, moe_intermediate_size=int(inter),
+                norm_topk_prob=norm, dense_layers=dense)
 
 
 def qwen_sliding_window(hf: Any, arch: str) -> Any:
@@ -152,6 +188,46 @@ def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None)
     return inv.float(), float(scaling)
+
+
+# Per-expert names of the safetensors on disk (what save_pretrained writes and the Hub's checkpoints hold):
+# Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2 (gate/up/down) and block_sparse_moe.gate, Qwen3-MoE's
+# mlp.experts.{e}.gate_proj/up_proj/down_proj.
+PER_EXPERT = {"MixtralForCausalLM": ("block_sparse_moe.", "w1", "w3", "w2"),
+              "Qwen3MoeForCausalLM": ("mlp.", "gate_proj", "up_proj", "down_proj")}
+
+
+def stack_experts(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each MoE layer's experts as Kiln's stacks (compile.model EXPERT_STACKS, each [E, I, H]) and its router as
+    mlp.gate.weight, from either form: per-expert 2-D tensors (the files on disk), or transformers 5.x's fused
+    3-D parameters (mlp.experts.gate_up_proj [E, 2I, H] = gate then up, mlp.experts.down_proj [E, H, I]:
+    a model's state_dict, as the GGUF path reads). Dense layers and other tensors pass through."""
+    if not cfg.num_experts:
+        return state
+    prefix, gate, up, down = PER_EXPERT[cfg.architecture]
+    state = dict(state)
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        p = f"model.layers.{i}."
+        router = state.pop(p + prefix + "gate.weight", None)
+        if router is not None:
+            state[p + "mlp.gate.weight"] = router
+        fused = state.pop(p + "mlp.experts.gate_up_proj", None)
+        if fused is not None:
+            g, u = fused.chunk(2, dim=1)
+            d = state.pop(p + "mlp.experts.down_proj").transpose(1, 2)
+        else:
+            per = p + prefix + "experts.{}.{}.weight"
+            try:
+                g, u, d = (torch.stack([state.pop(per.format(e, part)) for e in range(cfg.num_experts)])
+                           for part in (gate, up, down))
+            except KeyError as e:
+                raise CheckpointError(f"checkpoint is missing expert tensor {e.args[0]}") from None
+            d = d.transpose(1, 2)
+        for stack, t in zip(EXPERT_STACKS, (g, u, d)):
+            state[p + "mlp.experts." + stack] = t.contiguous()
+    return state
 
 
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -198,7 +274,7 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
 
     inv_freq, scaling = rope_inv_freq(hf, cfg)
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = stack_experts(cfg, {k.removeprefix("_orig_mod."): v for k, v in state.items()})
     state["rope.inv_freq"] = inv_freq
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

