@@ -76,31 +76,71 @@ def source_sha256(path_or_name: str) -> str:
     return files_sha256([f for f in files if f.exists()])
 
 
+# GGUF value types (gguf-py's GGUFValueType) -> struct format of one scalar; 8 = string, 9 = array
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path, wanted: set[str]) -> dict[str, Any]:
+    """The scalar metadata values named in `wanted` from a GGUF file's header (little-endian, version 2+).
+
+    NOTE: gguf-py's GGUFReader parses every field into numpy views, the tokenizer's 50k-100k strings
+    included: seconds per file, where this skips what it does not want (a few hundred ms at most)."""
+    import struct
+    found: dict[str, Any] = {}
+
+    def read(fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip(kind: int) -> None:
+        if kind == 8:
+            f.seek(read("Q"), 1)
+        elif kind == 9:
+            item, count = read("I"), read("Q")
+            if item in GGUF_SCALARS:
+                f.seek(count * struct.calcsize(GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or read("I") < 2:
+            return found
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            key, kind = f.read(read("Q")).decode("utf-8", "replace"), read("I")
+            if key in wanted and kind in GGUF_SCALARS:
+                found[key] = read(GGUF_SCALARS[kind])
+            elif key in wanted and kind == 8:
+                found[key] = f.read(read("Q")).decode("utf-8", "replace")
+            else:
+                skip(kind)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
 def gguf_hf_config(path: Path) -> Any:
     """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
     default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one. Its
     qwen3moe mapping reads no expert_feed_forward_length, leaving moe_intermediate_size at 768 (Qwen3-30B-A3B's,
     not Qwen3-235B-A22B's 1536); the file's is the real one."""
     from transformers import AutoConfig
-    from gguf import GGUFReader
-    reader = GGUFReader(str(path))
-    arch = reader.get_field("general.architecture")
-    arch = arch.contents() if arch is not None else "?"
-    experts = reader.get_field(f"{arch}.expert_count")
-    if arch == "llama" and experts is not None and int(experts.contents()) > 0:
+    arch = gguf_metadata(path, {"general.architecture"}).get("general.architecture", "?")
+    meta = gguf_metadata(path, {f"{arch}.expert_count", "qwen3.attention.key_length",
+                                "qwen3moe.expert_feed_forward_length"})
+    experts = int(meta.get(f"{arch}.expert_count", 0))
+    if arch == "llama" and experts > 0:
         # NOTE: llama.cpp writes Mixtral as `llama` with experts; transformers 5.x reads a llama GGUF as a dense
         # LlamaConfig and drops the ffn_*_exps tensors, so Kiln cannot read it through transformers.
-        raise CheckpointError(f"GGUF architecture llama with {int(experts.contents())} experts (Mixtral) is not "
-                              "supported: transformers reads it as a dense llama; compile the Hugging Face folder")
+        raise CheckpointError(f"GGUF architecture llama with {experts} experts (Mixtral) is not supported: "
+                              "transformers reads it as a dense llama; compile the Hugging Face folder")
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if hf.model_type == "qwen3":
-        field = reader.get_field("qwen3.attention.key_length")
-        if field is not None:
-            hf.head_dim = int(field.contents())
-    if hf.model_type == "qwen3_moe":
-        field = reader.get_field("qwen3moe.expert_feed_forward_length")
-        if field is not None:
-            hf.moe_intermediate_size = int(field.contents())
+    if hf.model_type == "qwen3" and "qwen3.attention.key_length" in meta:
+        hf.head_dim = int(meta["qwen3.attention.key_length"])
+    if hf.model_type == "qwen3_moe" and "qwen3moe.expert_feed_forward_length" in meta:
+        hf.moe_intermediate_size = int(meta["qwen3moe.expert_feed_forward_length"])
     return hf
 
 
@@ -149,6 +189,8 @@ def moe_fields(hf: Any, arch: str) -> dict:
         experts, inter, norm, dense = hf.num_local_experts, hf.intermediate_size, True, ()
     elif arch == "Qwen3MoeForCausalLM":
         experts, inter, norm = hf.num_experts, hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        if experts == 0:  # transformers builds every layer dense: a Qwen3 with q/k norms, no router
+            return {}
         step, only = int(getattr(hf, "decoder_sparse_step", 1) or 1), set(getattr(hf, "mlp_only_layers", None) or ())
         dense = tuple(i for i in range(hf.num_hidden_layers)
                       if i in only or experts <= 0 or (i + 1) % step != 0)

@@ -91,7 +91,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]), "dense_layers": tuple(d.get("dense_layers", ()))})
+        return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]),
+                      "dense_layers": tuple(d.get("dense_layers", ()))})
 
     @property
     def num_groups(self) -> int:

@@ -88,7 +88,7 @@ def ffn_row_elements(model: ModelConfig, tp: int) -> int:
     layer's router probabilities and, for EVERY expert, gate and up (2 moe_intermediate/tp) and its output
     (hidden) before the weighted sum: E x (2 moe_intermediate/tp + hidden) + E. The larger of the two kinds."""
     dense = 2 * model.intermediate_size // tp if any(not model.is_moe_layer(i) for i in range(model.num_layers)) else 0
-    moe = model.num_experts * (2 * model.moe_intermediate_size // tp + model.hidden_size + 1) if model.num_experts else 0
+    moe = model.num_experts * (2 * model.moe_intermediate_size // tp + model.hidden_size + 1)
     return max(dense, moe)
 
 
@@ -169,9 +169,10 @@ def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
                                         "--prefix-cache-rows")
     lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}):",
              f"  weights, once per rank, shared by every graph: {est.weights_bytes / GIB:.3f} GiB"
-             + ((" (projections, expert stacks and lm_head split over tp; embedding, norms, routers, rope replicated)"
-                 if model.num_experts else " (projections and lm_head split over tp; embedding, norms, rope replicated)")
-                if tp > 1 else ""),
+             + (("" if tp == 1 else
+                 " (projections, expert stacks and lm_head split over tp; embedding, norms, routers, rope replicated)"
+                 if model.num_experts else
+                 " (projections and lm_head split over tp; embedding, norms, rope replicated)")),
              f"  KV state, once, shared by every graph: 2 x {'x'.join(map(str, k_shape))} x {size} B = "
              f"{est.kv_bytes / GIB:.3f} GiB ({cfg.max_num_seqs} sequence slots + {cfg.prefix_cache_rows} prefix-cache "
              f"rows; each row {est.kv_bytes / cfg.num_cache_rows / 2 ** 20:.1f} MiB)",

@@ -234,25 +234,39 @@ def test_moe_config_reading_and_refusals():
                                                sliding_window=16)).sliding_window == 16
     for bad, start in ((MixtralConfig(**base, num_local_experts=2, num_experts_per_tok=3),
                         "MixtralForCausalLM with 2 experts and num_experts_per_tok=3"),
-                       (LlamaConfig(**base, architectures=["Qwen2MoeForCausalLM"]), "architecture Qwen2MoeForCausalLM")):
+                       (LlamaConfig(**base, architectures=["Qwen2MoeForCausalLM"]),
+                        "architecture Qwen2MoeForCausalLM")):
         with pytest.raises(CheckpointError) as err:
             model_config_from_hf(bad)
         assert "\n" not in str(err.value) and str(err.value).startswith(start), str(err.value)
-    old = {k: v for k, v in mix.to_dict().items()
-           if k not in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers")}
+    # no experts at all: transformers builds every layer dense, and so does Kiln
+    all_dense = model_config_from_hf(Qwen3MoeConfig(**base, num_experts=0))
+    assert (all_dense.num_experts, all_dense.qk_norm) == (0, True)
+    assert "model.layers.0.mlp.up_proj.weight" in weight_names(all_dense)
+    moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers")
+    old = {k: v for k, v in mix.to_dict().items() if k not in moe_keys}
     assert ModelConfig.from_dict({**old, "architecture": "MistralForCausalLM"}).num_experts == 0
 
 
-def test_qwen3moe_gguf_reads_as_its_hf_folder_and_mixtral_gguf_is_refused(tmp_path, smollm2_tokenizer_dir):
+def test_qwen3moe_gguf_reads_as_its_hf_folder_and_mixtral_gguf_is_refused(tmp_path, smollm2_tokenizer_dir,
+                                                                           monkeypatch):
     """A Qwen3-MoE GGUF (llama.cpp's `qwen3moe`, experts as ffn_*_exps stacks) gives the folder's config and the
     very same weights: transformers reads no expert_feed_forward_length (its default is 768); Kiln takes the
-    file's. llama.cpp's Mixtral (`llama` with experts) is refused in one line: transformers reads it as dense."""
+    file's. llama.cpp's Mixtral (`llama` with experts) is refused in one line: transformers reads it as dense.
+    The tokenizer is not loaded (test_qwen3_gguf_reads_as_its_hf_folder covers it: 20 s of GGUF vocab here)."""
     import gguf
+    import transformers
+
+    class NoTokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return None
 
     from compile.checkpoint import CheckpointError, load_checkpoint
     from tiny_models import write_tiny_gguf
     folder = make_tiny_checkpoint(tmp_path / "hf", smollm2_tokenizer_dir, "qwen3moe", tie_word_embeddings=False)
     gguf_file = write_tiny_gguf(folder, tmp_path / "tiny-qwen3moe.gguf", arch="qwen3moe")
+    monkeypatch.setattr(transformers, "AutoTokenizer", NoTokenizer)  # after the folder's tokenizer is written
     hf, ours = load_checkpoint(str(folder), torch.float32), load_checkpoint(str(gguf_file), torch.float32)
     assert ours.config.to_dict() == {**hf.config.to_dict(), "rms_norm_eps": ours.config.rms_norm_eps}
     assert ours.weights.keys() == hf.weights.keys()

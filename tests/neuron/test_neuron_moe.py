@@ -78,7 +78,8 @@ def assert_greedy_matches_transformers(runner, ckpt):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     for length in (7, 70):  # one bucket, and a chunked prompt past the largest one
-        prompt = torch.randint(0, runner.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        prompt = torch.randint(0, runner.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
+        prompt = prompt.tolist()
         ours, our_logits = greedy_through_runner(runner, prompt, 12)
         ref, ref_logits = hf_reference(hf, prompt, 12)
         assert ours == ref, length
@@ -120,3 +121,26 @@ def test_mixtral_8x7b_dry_run_estimate_is_the_hand_count_in_the_docs(tmp_path, c
     assert "KV state, once, shared by every graph: 2 x 32x12x1x4096x128 x 2 B = 0.750 GiB" in text
     assert "ffn = experts x (2 expert intermediate/tp + hidden + 1) = 61448" in text
     assert "total: 15.386 GiB of 16 GiB: fits" in text
+
+
+def test_moe_rank_slices_sum_to_the_whole_layer():
+    """What tp ranks compute: each rank's experts on its slice of the intermediate dim (the stacks chunked on
+    dim 1, as shard_checkpoint does) give partial outputs whose sum (the one all-reduce) is the whole MoE layer.
+    The double cannot run collectives, so this checks the arithmetic the all-reduce completes."""
+    from compile.model import Weights, moe, weight_names
+    from compile.neuron.graphs import local_config, weight_shapes
+    cfg = ModelConfig(architecture="MixtralForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_layers=1, num_heads=4, num_kv_heads=4, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+                      rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
+                      sliding_window=None, max_position_embeddings=64, bos_token_id=None, eos_token_ids=(),
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)
+    g = torch.Generator().manual_seed(0)
+    full = {n: torch.randn(s, generator=g) for n, s in weight_shapes(cfg).items()}
+    names = weight_names(cfg)
+    h = torch.randn(5, 32, generator=g)
+    whole = moe(Weights(cfg, [full[n] for n in names]), 0, h)
+    tp, parts = 4, []
+    for rank in range(tp):
+        local = {n: (t.chunk(tp, dim=1)[rank] if ".mlp.experts." in n else t) for n, t in full.items()}
+        parts.append(moe(Weights(local_config(cfg, tp), [local[n] for n in names]), 0, h))
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-5)
