@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from compile.model import SUPPORTED_ARCHITECTURES, ModelConfig, weight_names
+from compile.model import EXPERT_STACKS, SUPPORTED_ARCHITECTURES, ModelConfig, weight_names
 
 BUILTIN_MODELS = {
     # name -> (distribution, file inside it)
@@ -22,7 +22,8 @@ BUILTIN_MODELS = {
 }
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # llama.cpp's Gemma 2/3 27B (46 and 62 layers): queries scaled by (hidden / heads)^-1/2, every other size by
 # head_dim^-1/2 (llama.cpp's llama-model.cpp sets f_attention_scale so; a GGUF stores no query_pre_attn_scalar)
@@ -83,19 +84,73 @@ def source_sha256(path_or_name: str) -> str:
     return files_sha256([f for f in files if f.exists()])
 
 
+# GGUF value types (gguf-py's GGUFValueType) -> struct format of one scalar; 8 = string, 9 = array
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path, wanted: set[str]) -> dict[str, Any]:
+    """The scalar metadata values named in `wanted` from a GGUF file's header (little-endian, version 2+).
+
+    NOTE: gguf-py's GGUFReader parses every field into numpy views, the tokenizer's 50k-100k strings
+    included: seconds per file, where this skips what it does not want (a few hundred ms at most)."""
+    import struct
+    found: dict[str, Any] = {}
+
+    def read(fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip(kind: int) -> None:
+        if kind == 8:
+            f.seek(read("Q"), 1)
+        elif kind == 9:
+            item, count = read("I"), read("Q")
+            if item in GGUF_SCALARS:
+                f.seek(count * struct.calcsize(GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            f.seek(struct.calcsize(GGUF_SCALARS[kind]), 1)
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or read("I") < 2:
+            return found
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            key, kind = f.read(read("Q")).decode("utf-8", "replace"), read("I")
+            if key in wanted and kind in GGUF_SCALARS:
+                found[key] = read(GGUF_SCALARS[kind])
+            elif key in wanted and kind == 8:
+                found[key] = f.read(read("Q")).decode("utf-8", "replace")
+            else:
+                skip(kind)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
 def gguf_hf_config(path: Path) -> Any:
     """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
-    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one.
-    Its gemma2/gemma3 mappings read neither the soft-capping values nor Gemma 3's rope scaling, and a GGUF
-    has no query_pre_attn_scalar: those come from the file's own fields, and the query scale as llama.cpp
-    sets it (gguf_gemma_fields)."""
+    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one. Its
+    qwen3moe mapping reads no expert_feed_forward_length, leaving moe_intermediate_size at 768 (Qwen3-30B-A3B's,
+    not Qwen3-235B-A22B's 1536); the file's is the real one. Its gemma2/gemma3 mappings read neither the
+    soft-capping values nor Gemma 3's rope scaling, and a GGUF has no query_pre_attn_scalar: those come from
+    the file's own fields, and the query scale as llama.cpp sets it (gguf_gemma_fields)."""
     from transformers import AutoConfig
+    arch = gguf_metadata(path, {"general.architecture"}).get("general.architecture", "?")
+    meta = gguf_metadata(path, {f"{arch}.expert_count", "qwen3.attention.key_length",
+                                "qwen3moe.expert_feed_forward_length"})
+    experts = int(meta.get(f"{arch}.expert_count", 0))
+    if arch == "llama" and experts > 0:
+        # NOTE: llama.cpp writes Mixtral as `llama` with experts; transformers 5.x reads a llama GGUF as a dense
+        # LlamaConfig and drops the ffn_*_exps tensors, so Kiln cannot read it through transformers.
+        raise CheckpointError(f"GGUF architecture llama with {experts} experts (Mixtral) is not supported: "
+                              "transformers reads it as a dense llama; compile the Hugging Face folder")
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if hf.model_type == "qwen3":
-        from gguf import GGUFReader
-        field = GGUFReader(str(path)).get_field("qwen3.attention.key_length")
-        if field is not None:
-            hf.head_dim = int(field.contents())
+    if hf.model_type == "qwen3" and "qwen3.attention.key_length" in meta:
+        hf.head_dim = int(meta["qwen3.attention.key_length"])
+    if hf.model_type == "qwen3_moe" and "qwen3moe.expert_feed_forward_length" in meta:
+        hf.moe_intermediate_size = int(meta["qwen3moe.expert_feed_forward_length"])
     if hf.model_type in GGUF_GEMMA_27B_LAYERS:
         gguf_gemma_fields(path, hf)
     return hf
@@ -154,7 +209,7 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     window = getattr(hf, "sliding_window", None)
     full_layers: tuple[int, ...] = ()
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         window = qwen_sliding_window(hf, arch)
     elif gemma:
         window, full_layers = gemma_layer_windows(hf, arch)
@@ -179,7 +234,8 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         sliding_window=int(window) if window else None,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
         bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
-        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"), **gemma_fields)
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"), **gemma_fields,
+        **moe_fields(hf, arch))
 
 
 def gemma_layer_windows(hf: Any, arch: str) -> tuple[Any, tuple[int, ...]]:
@@ -194,6 +250,28 @@ def gemma_layer_windows(hf: Any, arch: str) -> tuple[Any, tuple[int, ...]]:
     if not window:
         return None, ()
     return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
+
+
+def moe_fields(hf: Any, arch: str) -> dict:
+    """ModelConfig's mixture-of-experts fields: Mixtral's num_local_experts (every layer sparse, top-k always
+    renormalised, experts of intermediate_size); Qwen3-MoE's num_experts of moe_intermediate_size,
+    norm_topk_prob, and the dense layers transformers builds (mlp_only_layers, or not every decoder_sparse_step)."""
+    if arch == "MixtralForCausalLM":
+        experts, inter, norm, dense = hf.num_local_experts, hf.intermediate_size, True, ()
+    elif arch == "Qwen3MoeForCausalLM":
+        experts, inter, norm = hf.num_experts, hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        if experts == 0:  # transformers builds every layer dense: a Qwen3 with q/k norms, no router
+            return {}
+        step, only = int(getattr(hf, "decoder_sparse_step", 1) or 1), set(getattr(hf, "mlp_only_layers", None) or ())
+        dense = tuple(i for i in range(hf.num_hidden_layers)
+                      if i in only or experts <= 0 or (i + 1) % step != 0)
+    else:
+        return {}
+    top_k = int(hf.num_experts_per_tok)
+    if experts <= 0 or not 0 < top_k <= experts:
+        raise CheckpointError(f"{arch} with {experts} experts and num_experts_per_tok={top_k} is not supported")
+    return dict(num_experts=int(experts), num_experts_per_tok=top_k, moe_intermediate_size=int(inter),
+                norm_topk_prob=norm, dense_layers=dense)
 
 
 def qwen_sliding_window(hf: Any, arch: str) -> Any:
@@ -227,6 +305,46 @@ def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     kw = {"layer_type": "full_attention"} if cfg.rope_local_base_freq is not None else {}
     inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None, **kw)
     return inv.float(), float(scaling)
+
+
+# Per-expert names of the safetensors on disk (what save_pretrained writes and the Hub's checkpoints hold):
+# Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2 (gate/up/down) and block_sparse_moe.gate, Qwen3-MoE's
+# mlp.experts.{e}.gate_proj/up_proj/down_proj.
+PER_EXPERT = {"MixtralForCausalLM": ("block_sparse_moe.", "w1", "w3", "w2"),
+              "Qwen3MoeForCausalLM": ("mlp.", "gate_proj", "up_proj", "down_proj")}
+
+
+def stack_experts(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each MoE layer's experts as Kiln's stacks (compile.model EXPERT_STACKS, each [E, I, H]) and its router as
+    mlp.gate.weight, from either form: per-expert 2-D tensors (the files on disk), or transformers 5.x's fused
+    3-D parameters (mlp.experts.gate_up_proj [E, 2I, H] = gate then up, mlp.experts.down_proj [E, H, I]:
+    a model's state_dict, as the GGUF path reads). Dense layers and other tensors pass through."""
+    if not cfg.num_experts:
+        return state
+    prefix, gate, up, down = PER_EXPERT[cfg.architecture]
+    state = dict(state)
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        p = f"model.layers.{i}."
+        router = state.pop(p + prefix + "gate.weight", None)
+        if router is not None:
+            state[p + "mlp.gate.weight"] = router
+        fused = state.pop(p + "mlp.experts.gate_up_proj", None)
+        if fused is not None:
+            g, u = fused.chunk(2, dim=1)
+            d = state.pop(p + "mlp.experts.down_proj").transpose(1, 2)
+        else:
+            per = p + prefix + "experts.{}.{}.weight"
+            try:
+                g, u, d = (torch.stack([state.pop(per.format(e, part)) for e in range(cfg.num_experts)])
+                           for part in (gate, up, down))
+            except KeyError as e:
+                raise CheckpointError(f"checkpoint is missing expert tensor {e.args[0]}") from None
+            d = d.transpose(1, 2)
+        for stack, t in zip(EXPERT_STACKS, (g, u, d)):
+            state[p + "mlp.experts." + stack] = t.contiguous()
+    return state
 
 
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -273,7 +391,7 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
 
     inv_freq, scaling = rope_inv_freq(hf, cfg)
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = stack_experts(cfg, {k.removeprefix("_orig_mod."): v for k, v in state.items()})
     state["rope.inv_freq"] = inv_freq
     if cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: a default rope of their own base
         state["rope.local_inv_freq"] = default_inv_freq(cfg.rope_local_base_freq, cfg.head_dim)

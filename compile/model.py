@@ -5,7 +5,9 @@ Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), Mistr
 (per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias), Gemma2ForCausalLM and
 Gemma3ForCausalLM (text): RMSNorm scaling by (1 + weight), GeGLU, norms before and after the attention and the
 MLP, embeddings times sqrt(hidden), a query scale of its own, tanh soft-capping of attention scores and final
-logits (Gemma 2), sliding-window and global layers mixed, and a second rope base for the sliding layers (Gemma 3).
+logits (Gemma 2), sliding-window and global layers mixed, and a second rope base for the sliding layers (Gemma 3),
+and the mixture-of-experts MixtralForCausalLM and Qwen3MoeForCausalLM (`moe`: softmax router, top-k,
+every expert computed and the unselected ones weighted zero, so shapes never depend on routing).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -39,8 +41,11 @@ import torch.nn.functional as F
 from compile.quantize import SCALE_SUFFIX, is_quantized_projection
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # hidden_act: SwiGLU (Llama, Qwen) or GeGLU with tanh GELU (Gemma)
+# A MoE layer's expert stacks, each [experts, moe_intermediate, hidden] (down_proj_t is HF's down_proj
+# transposed: input-major, so all three split over tp on dim 1, the one dim NxD shards of a 3-D weight).
+EXPERT_STACKS = ("gate_proj", "up_proj", "down_proj_t")
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -93,11 +98,22 @@ class ModelConfig:
     # Weight format of the decoder's projections: None (the dtype) or "int8" (compile/quantize.py: int8
     # weights with a float32 scale per output channel). Defaulted, as qk_norm.
     quantization: Optional[str] = None
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_experts 0 = a dense model. Each MoE layer has a router
+    # (mlp.gate.weight [experts, hidden]) and expert stacks (EXPERT_STACKS) of moe_intermediate_size;
+    # dense_layers (Qwen3-MoE's mlp_only_layers / decoder_sparse_step) keep a dense MLP of intermediate_size.
+    # norm_topk_prob: the top-k weights renormalised to sum to 1 (Mixtral always; Qwen3-MoE by its config).
+    # NOTE: defaulted, so a manifest written before these fields existed still reads (as a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_layers: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["full_attention_layers"] = list(self.full_attention_layers)
+        d["dense_layers"] = list(self.dense_layers)
         return d
 
     @classmethod
@@ -109,7 +125,8 @@ class ModelConfig:
             raise ValueError(f"model config field(s) {', '.join(unknown)} unknown to this Kiln (written by a newer "
                              f"version?); upgrade Kiln or recompile the artifact")
         return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"]),
-                      "full_attention_layers": tuple(d.get("full_attention_layers", ()))})
+                      "full_attention_layers": tuple(d.get("full_attention_layers", ())),
+                      "dense_layers": tuple(d.get("dense_layers", ()))})
 
     @property
     def num_groups(self) -> int:
@@ -140,12 +157,25 @@ class ModelConfig:
         return tuple(dict.fromkeys(self.layer_rope(i) for i in range(self.num_layers)))
 
 
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+
 def projection_names(cfg: ModelConfig, name: str, bias: bool = False) -> list[str]:
     """One projection's tensors: its weight, its int8 scale (quantized configs), its bias."""
     names = [name + ".weight"]
     if cfg.quantization and is_quantized_projection(name):
         names.append(name + SCALE_SUFFIX)
     return names + [name + ".bias"] if bias else names
+
+
+def mlp_weight_names(cfg: ModelConfig, i: int) -> list[str]:
+    """Layer i's feed-forward tensors (PORTABLE): a router and expert stacks, or a dense MLP (gate, up, down;
+    int8 scales after their weights)."""
+    p = f"model.layers.{i}.mlp."
+    if cfg.is_moe_layer(i):
+        return [p + "gate.weight"] + [p + f"experts.{stack}" for stack in EXPERT_STACKS]
+    return [n for proj in ("gate_proj", "up_proj", "down_proj") for n in projection_names(cfg, p + proj)]
 
 
 def weight_names(cfg: ModelConfig) -> list[str]:
@@ -161,8 +191,7 @@ def weight_names(cfg: ModelConfig) -> list[str]:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight",
                                                                    *feedforward_norms(cfg, p)]
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names += projection_names(cfg, p + f"mlp.{proj}")
+        names += mlp_weight_names(cfg, i)
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -196,7 +225,10 @@ def graph_weight_names(cfg: ModelConfig, variant: str = PORTABLE) -> list[str]:
             names.append(p + "self_attn.qk_norm.weight")
         names += projection_names(cfg, p + "self_attn.o_proj") + [p + "post_attention_layernorm.weight",
                                                                    *feedforward_norms(cfg, p)]
-        names += _fused_names(cfg, p + "mlp.gate_up_proj") + projection_names(cfg, p + "mlp.down_proj")
+        if cfg.is_moe_layer(i):  # router and expert stacks as stored (plain matmuls, never packed)
+            names += mlp_weight_names(cfg, i)
+        else:
+            names += _fused_names(cfg, p + "mlp.gate_up_proj") + projection_names(cfg, p + "mlp.down_proj")
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
@@ -252,6 +284,11 @@ class Weights:
         if self.cfg.norm_add_one:
             return rms_norm_add_one(x, self._by_name[name], self.cfg.rms_norm_eps)
         return rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over tensor-parallel ranks of a partial result (moe's experts): nothing on one rank.
+        NOTE: the neuron target overrides it with NxD's all-reduce (compile/neuron/graphs.py)."""
+        return x
 
 
 class OneDNNWeights(Weights):
@@ -386,6 +423,44 @@ def mlp(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
     return w.linear(activation(w.cfg, w.linear(h, p + "gate_proj")) * w.linear(h, p + "up_proj"), p + "down_proj")
 
 
+def feed_forward(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
+    return moe(w, i, h) if w.cfg.is_moe_layer(i) else mlp(w, i, h)
+
+
+def moe(w: Weights, i: int, h: torch.Tensor) -> torch.Tensor:
+    """A sparse MoE block as transformers computes it (Mixtral, Qwen3-MoE), with static shapes.
+
+    h [T, hidden]: router logits [T, E]; softmax in float32; torch.topk (the same call transformers makes, so
+    ties pick the same experts); the top-k weights renormalised when norm_topk_prob (Mixtral always), and
+    cast to h's dtype before weighting for Qwen3-MoE (Mixtral weights in float32). Then EVERY expert runs on
+    every token (batched matmuls over the [E, I, H] stacks) and the outputs are summed with a [T, E] weight
+    matrix that is zero outside each token's top k: exact, no data-dependent shape, no gather or scatter.
+    Costs E/k times a sparse dispatch's expert FLOPs (docs/neuron.md "Mixture of experts").
+    The stacks may be one tp rank's slice of the intermediate dim: the sum is then partial, and w.reduce
+    all-reduces it once per layer (after the combine, not once per expert).
+    """
+    cfg, p = w.cfg, f"model.layers.{i}.mlp."
+    num_experts = cfg.num_experts
+    # NOTE: F.linear on the stored router, never w.linear: the router is replicated and never packed.
+    logits = F.linear(h, w[p + "gate.weight"])                                 # [T, E]
+    probs = torch.softmax(logits.to(torch.float32), dim=-1)
+    top, index = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)           # [T, k]
+    if cfg.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    if cfg.architecture != "MixtralForCausalLM":
+        top = top.to(h.dtype)  # Qwen3-MoE's router returns its weights in the hidden dtype
+    # [T, E] weights: top-k indices are distinct, so each entry takes at most one nonzero term
+    experts = torch.arange(num_experts, dtype=index.dtype, device=h.device)
+    chosen = index[..., None] == experts                                       # [T, k, E]
+    combine = torch.where(chosen, top[..., None], torch.zeros((), dtype=top.dtype, device=h.device)).sum(dim=1)
+    x = h[None]                                                                # [1, T, H]
+    gate = torch.matmul(x, w[p + "experts.gate_proj"].transpose(1, 2))        # [E, T, I]
+    up = torch.matmul(x, w[p + "experts.up_proj"].transpose(1, 2))
+    out = torch.matmul(F.silu(gate) * up, w[p + "experts.down_proj_t"])       # [E, T, H]
+    y = (out * combine.transpose(0, 1)[:, :, None]).sum(dim=0).to(h.dtype)   # [T, H]
+    return w.reduce(y)
+
+
 def layer_residuals(w: Weights, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """The layer's output from its input h and its attention's [rows, H*D] output: the o_proj and MLP residuals,
     with Gemma's norms on both sides of each sublayer when cfg.sandwich_norms."""
@@ -393,9 +468,9 @@ def layer_residuals(w: Weights, i: int, h: torch.Tensor, attn: torch.Tensor) -> 
     out = w.linear(attn, p + "self_attn.o_proj")
     if not w.cfg.sandwich_norms:
         h = h + out
-        return h + mlp(w, i, w.norm(h, p + "post_attention_layernorm.weight"))
+        return h + feed_forward(w, i, w.norm(h, p + "post_attention_layernorm.weight"))
     h = h + w.norm(out, p + "post_attention_layernorm.weight")
-    return h + w.norm(mlp(w, i, w.norm(h, p + "pre_feedforward_layernorm.weight")),
+    return h + w.norm(feed_forward(w, i, w.norm(h, p + "pre_feedforward_layernorm.weight")),
                       p + "post_feedforward_layernorm.weight")
 
 

@@ -16,6 +16,8 @@ TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 # bend the scores and logits (Gemma 2's are 50 and 30), a window shorter than the longer test prompts.
 TINY_GEMMA = dict(query_pre_attn_scalar=24, sliding_window=12)
 TINY_GEMMA2_CAPS = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+# Mixture of experts (Mixtral, Qwen3-MoE): 4 experts, top 2; Qwen3-MoE's experts are moe_intermediate_size wide.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)
 
 # The shared test artifact: float32 (exact batch invariance), chunked prefill reachable
 # (max_model_len > largest context bucket), several batch and KV buckets.
@@ -41,22 +43,29 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     import shutil
 
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
                              "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-                             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
+                             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+                             "mixtral": (MixtralConfig, MixtralForCausalLM),
+                             "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
-    if arch in ("qwen3", "gemma2", "gemma3"):  # their configs default head_dim to 128/256: hidden / heads unless
-        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]  # overridden, as for the others
+    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3"):  # their configs default head_dim to 128/256: hidden /
+        kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]  # heads unless overridden
     if arch.startswith("gemma"):
         kwargs.update(TINY_GEMMA, pad_token_id=0)
     if arch == "gemma2":
         kwargs.update(TINY_GEMMA2_CAPS)
+    if arch in ("mixtral", "qwen3moe"):  # TINY_MOE: 4 experts, top 2 (Mixtral's experts use intermediate_size)
+        kwargs.update(TINY_MOE, **({"num_local_experts": TINY_MOE["num_experts"]} if arch == "mixtral" else {}))
+        if arch == "mixtral":
+            del kwargs["num_experts"], kwargs["moe_intermediate_size"], kwargs["norm_topk_prob"]
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
@@ -78,11 +87,12 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
 def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: bool = True) -> Path:
     """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
     GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
-    q/k need no llama.cpp permutation (qwen2, qwen3, gemma2, gemma3). Gemma: norm weights stored as 1 + w,
-    the sliding window and (gemma2) both soft-caps in the metadata, as llama.cpp's converter writes them.
-    tokenizer=False: no tokenizer fields (transformers parses the SmolLM2 tokenizer's 49k-entry arrays in Python
-    on every config, model and tokenizer load, about 10 s each on the test machine)."""
+    q/k need no llama.cpp permutation (qwen2, qwen3, qwen3moe without dense layers, gemma2, gemma3). Gemma: norm
+    weights stored as 1 + w, the sliding window and (gemma2) both soft-caps in the metadata, as llama.cpp's
+    converter writes them. tokenizer=False: no tokenizer fields (transformers parses the SmolLM2 tokenizer's
+    49k-entry arrays in Python on every config, model and tokenizer load, about 10 s each on the test machine)."""
     import json
+    import re
 
     import gguf
     from safetensors.torch import load_file
@@ -116,11 +126,23 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: boo
     for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items() if tokenizer else ():
         if name.startswith("tokenizer."):
             adders[field.types[0]](name, field.contents())
+    if "moe_intermediate_size" in cfg:  # qwen3moe: llama.cpp's expert metadata (config.json says num_local_experts)
+        writer.add_expert_count(cfg.get("num_experts", cfg.get("num_local_experts")))
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
-    for name, t in load_file(str(Path(hf_dir) / "model.safetensors")).items():
+    tensors, experts = load_file(str(Path(hf_dir) / "model.safetensors")), {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name:  # per-expert [out, in] -> llama.cpp's ffn_*_exps [E, out, in], as its converter
+            layer, e, part = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name).groups()
+            experts.setdefault(f"{layer}.{part}", {})[int(e)] = t
+            continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             t = t.float() + 1
         writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", t.float().numpy())
+    for name, by_expert in experts.items():
+        stacked = torch.stack([by_expert[e] for e in sorted(by_expert)]).float().numpy()
+        writer.add_tensor(names.get_name(name) + ".weight", stacked)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -57,8 +57,12 @@ def check_tp(cfg: CompileConfig, model: ModelConfig) -> None:
     if tp not in supported:
         raise ConfigError(f"--tp-degree {tp} is not supported on {target} "
                           f"(supported: {', '.join(map(str, supported))})")
-    for what, n in (("attention heads", model.num_heads), ("KV heads", model.num_kv_heads),
-                    ("intermediate size", model.intermediate_size), ("vocab size", model.vocab_size)):
+    sizes = [("attention heads", model.num_heads), ("KV heads", model.num_kv_heads), ("vocab size", model.vocab_size)]
+    if any(not model.is_moe_layer(i) for i in range(model.num_layers)):  # some layer has a dense MLP
+        sizes.insert(2, ("intermediate size", model.intermediate_size))
+    if model.num_experts:  # every expert is split over tp on its intermediate dim
+        sizes.insert(2, ("expert intermediate size", model.moe_intermediate_size))
+    for what, n in sizes:
         if n % tp:
             raise ConfigError(f"--tp-degree {tp} does not divide the model's {what} ({n}); "
                               f"pick a degree that divides {model.num_heads} heads and {model.num_kv_heads} KV heads")

@@ -30,12 +30,18 @@ import torch
 from torch import nn
 
 from compile.buckets import GraphSpec
-from compile.model import ModelConfig, Weights, decode, prefill, weight_names
+from compile.model import EXPERT_STACKS, ModelConfig, Weights, decode, prefill, weight_names
 from compile.quantize import QUANTIZED_PROJECTIONS, SCALE_SUFFIX
 
 MODEL_BUILDER = "ModelBuilder"
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+# MoE layers: every expert split over tp on its intermediate dim, as a dense MLP is (gate/up column-parallel,
+# down row-parallel): the three [E, I, H] stacks are plain parameters carrying NxD's tensor-parallel
+# attributes (partition_dim 1), so shard_checkpoint slices dim 1; the router (mlp.gate) is replicated, and
+# one all-reduce per layer sums the experts' partial outputs (compile/model.py moe, TreeWeights.reduce).
+EXPERT_PARALLEL = tuple(f"mlp.experts.{stack}" for stack in EXPERT_STACKS)
+EXPERT_PARTITION_DIM = 1
 # The device-side slot copy (compaction, n > 1 forks): one more tag of the same NxDModel.
 COPY_SLOT = GraphSpec("copy_slot")
 INDEX_DTYPE = torch.int32  # NxD Inference's index dtype for K/V writes
@@ -53,7 +59,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  # qk_norm: one [head_dim] weight for every head, replicated on every rank (never sharded)
                  "self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,),
                  "self_attn.o_proj.weight": (hidden, q_out), "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
-                 "mlp.up_proj.weight": (cfg.intermediate_size, hidden), "mlp.down_proj.weight": (hidden, cfg.intermediate_size)}
+                 "mlp.up_proj.weight": (cfg.intermediate_size, hidden), "mlp.down_proj.weight": (hidden, cfg.intermediate_size),
+                 # MoE: the router [E, hidden] replicated, each expert stack [E, moe_intermediate, hidden]
+                 "mlp.gate.weight": (cfg.num_experts, hidden),
+                 **{stack: (cfg.num_experts, cfg.moe_intermediate_size, hidden) for stack in EXPERT_PARALLEL}}
     if cfg.quantization:  # compile/quantize.py: one float32 scale per output channel
         per_layer.update({name.replace(".weight", SCALE_SUFFIX): (shape[0], 1) for name, shape in per_layer.items()
                           if name.endswith(".weight") and name.rsplit(".", 1)[0] in QUANTIZED_PROJECTIONS})
@@ -70,8 +79,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def local_config(cfg: ModelConfig, tp_degree: int) -> ModelConfig:
-    """The per-rank view: each rank holds num_heads/tp query heads and num_kv_heads/tp KV heads."""
-    return replace(cfg, num_heads=cfg.num_heads // tp_degree, num_kv_heads=cfg.num_kv_heads // tp_degree)
+    """The per-rank view: each rank holds num_heads/tp query heads and num_kv_heads/tp KV heads (and
+    moe_intermediate_size/tp of every expert)."""
+    return replace(cfg, num_heads=cfg.num_heads // tp_degree, num_kv_heads=cfg.num_kv_heads // tp_degree,
+                   moe_intermediate_size=cfg.moe_intermediate_size // tp_degree)
 
 
 def cache_shapes(cfg: ModelConfig, num_slots: int, max_len: int, tp_degree: int = 1) -> tuple[tuple, tuple]:
@@ -140,10 +151,19 @@ class TreeWeights(Weights):
 
     finite_masks = True  # device graphs: no -inf anywhere (compile/model.py additive_mask)
 
-    def __init__(self, cfg: ModelConfig, root: nn.Module, layers: dict[str, nn.Module]):
+    def __init__(self, cfg: ModelConfig, root: nn.Module, layers: dict[str, nn.Module], tp_degree: int = 1):
         self.cfg = cfg
         self._by_name = dict(root.named_parameters())
         self._layers = layers
+        self.tp_degree = tp_degree
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """MoE experts' partial sums over this rank's intermediate slice: one all-reduce over tp (NxD's own,
+        the one RowParallelLinear makes)."""
+        if self.tp_degree == 1:
+            return x
+        from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
+        return reduce_from_tensor_model_parallel_region(x)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         layer = self._layers.get(name)
@@ -183,6 +203,7 @@ class NeuronBucketGraph(nn.Module):
                  tp_degree: int = 1):
         super().__init__()
         self.full_cfg, self.cfg, self.spec = cfg, local_config(cfg, tp_degree), spec
+        self.tp_degree = tp_degree
         self.parallel: dict[str, nn.Module] = {}
         shapes = weight_shapes(cfg)
         self._add_parallel_layers(cfg, dtype)
@@ -191,7 +212,14 @@ class NeuronBucketGraph(nn.Module):
                 continue
             *path, leaf = name.split(".")
             t_dtype = torch.float32 if name.startswith("rope.") else dtype
-            _child(self, path).register_parameter(leaf, nn.Parameter(stub(shapes[name], t_dtype), requires_grad=False))
+            shape = shapes[name]
+            expert_stack = name.endswith(EXPERT_PARALLEL)
+            if expert_stack:  # this rank's slice of the intermediate dim
+                shape = shape[:EXPERT_PARTITION_DIM] + (shape[EXPERT_PARTITION_DIM] // tp_degree,) + shape[2:]
+            param = nn.Parameter(stub(shape, t_dtype), requires_grad=False)
+            if expert_stack:  # NxD's set_tensor_model_parallel_attributes: what shard_checkpoint slices by
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, EXPERT_PARTITION_DIM, 1
+            _child(self, path).register_parameter(leaf, param)
         k_shape, v_shape = cache_shapes(cfg, num_slots, max_len, tp_degree)
         # NOTE: non-persistent, so the cache is state, not a weight: set_weights never sees it.
         self.register_buffer("cache_k", torch.zeros(k_shape, dtype=dtype), persistent=False)
@@ -207,6 +235,8 @@ class NeuronBucketGraph(nn.Module):
         shapes = weight_shapes(cfg)
         for i in range(cfg.num_layers):
             for proj in COLUMN_PARALLEL + ROW_PARALLEL:
+                if proj.startswith("mlp.") and cfg.is_moe_layer(i):
+                    continue  # experts: sharded stacks (EXPERT_PARALLEL), not parallel layers
                 name = f"model.layers.{i}.{proj}"
                 out_size, in_size = shapes[name + ".weight"]
                 if proj in ROW_PARALLEL:
@@ -227,7 +257,7 @@ class NeuronBucketGraph(nn.Module):
             self.cache_k = copy_slot_kv(self.cache_k, a, b, c)  # reassignment: ModelBuilder aliases it
             self.cache_v = copy_slot_kv(self.cache_v, a, b, c)
             return c + 0  # NOTE: a graph needs an output; an input echoed as is may be folded away
-        w = TreeWeights(self.cfg, self, self.parallel)
+        w = TreeWeights(self.cfg, self, self.parallel, self.tp_degree)
         if spec.kind == "decode":
             input_ids, positions = a, b
             k_span = self.cache_k[:, :spec.batch, :, :spec.kv_len]                     # [L, B, KV, K, D]

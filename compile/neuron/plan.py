@@ -13,7 +13,7 @@ from compile.buckets import GraphSpec, plan_graphs
 from compile.config import CompileConfig
 from compile.model import ModelConfig
 from compile.neuron import flags
-from compile.neuron.graphs import COLUMN_PARALLEL, ROW_PARALLEL, cache_shapes, weight_shapes
+from compile.neuron.graphs import COLUMN_PARALLEL, EXPERT_PARALLEL, ROW_PARALLEL, cache_shapes, weight_shapes
 from compile.quantize import SCALE_SUFFIX, is_quantized_projection, quantized_config
 
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -80,9 +80,9 @@ class HbmEstimate:
 
 
 def sharded(name: str) -> bool:
-    """Split over tp ranks: lm_head and the projections, except a row-parallel projection's int8 scale
+    """Split over tp ranks: lm_head, the projections and the expert stacks, except a row-parallel projection's int8 scale
     (one per output channel, and a row-parallel layer does not split its outputs)."""
-    if name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL):
+    if name.startswith("lm_head") or any(f".{p}." in name for p in COLUMN_PARALLEL) or name.endswith(EXPERT_PARALLEL):
         return True
     return any(f".{p}." in name for p in ROW_PARALLEL) and not name.endswith(SCALE_SUFFIX)
 
@@ -97,10 +97,19 @@ def element_bytes(name: str, model: ModelConfig, dtype: str) -> int:
     return BYTES[dtype]
 
 
+def ffn_row_elements(model: ModelConfig, tp: int) -> int:
+    """Feed-forward activations per token row, per core: a dense MLP's gate and up (2 intermediate/tp); a MoE
+    layer's router probabilities and, for EVERY expert, gate and up (2 moe_intermediate/tp) and its output
+    (hidden) before the weighted sum: E x (2 moe_intermediate/tp + hidden) + E. The larger of the two kinds."""
+    dense = 2 * model.intermediate_size // tp if any(not model.is_moe_layer(i) for i in range(model.num_layers)) else 0
+    moe = model.num_experts * (2 * model.moe_intermediate_size // tp + model.hidden_size + 1)
+    return max(dense, moe)
+
+
 def scratch_bytes(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig) -> int:
-    """Activations of one call, per core, as float32: rows x (2 hidden + 2 intermediate/tp + heads/tp x
-    span) + logits rows x vocab (a prefill keeps the last row's logits only); a slot copy holds three
-    slot rows of each cache."""
+    """Activations of one call, per core, as float32: rows x (2 hidden + ffn + heads/tp x span) + logits rows x
+    vocab (a prefill keeps the last row's logits only; ffn: ffn_row_elements); a slot copy holds three slot
+    rows of each cache."""
     tp = cfg.tp_degree
     if spec.kind == "copy_slot":
         row = math.prod(cache_shapes(model, 1, cfg.max_model_len, tp)[0]) * BYTES[cfg.dtype]
@@ -108,7 +117,7 @@ def scratch_bytes(spec: GraphSpec, cfg: CompileConfig, model: ModelConfig) -> in
     rows = spec.batch if spec.kind == "decode" else spec.seq_len
     logit_rows = spec.batch if spec.kind == "decode" else 1
     span = {"decode": spec.kv_len, "prefill": spec.seq_len, "prefill_chunk": spec.kv_len + spec.seq_len}[spec.kind]
-    per_row = 2 * model.hidden_size + 2 * model.intermediate_size // tp + model.num_heads // tp * span
+    per_row = 2 * model.hidden_size + ffn_row_elements(model, tp) + model.num_heads // tp * span
     return ACTIVATION_BYTES * (rows * per_row + logit_rows * model.vocab_size)
 
 
@@ -176,14 +185,19 @@ def hbm_lines(cfg: CompileConfig, model: ModelConfig) -> list[str]:
                      if model.quantization else "")
     lines = [f"HBM per NeuronCore (estimate; {size}-byte {cfg.dtype}{weight_format}):",
              f"  weights, once per rank, shared by every graph: {est.weights_bytes / GIB:.3f} GiB"
-             + (" (projections and lm_head split over tp; embedding, norms, rope replicated)" if tp > 1 else ""),
+             + (("" if tp == 1 else
+                 " (projections, expert stacks and lm_head split over tp; embedding, norms, routers, rope replicated)"
+                 if model.num_experts else
+                 " (projections and lm_head split over tp; embedding, norms, rope replicated)")),
              f"  KV state, once, shared by every graph: 2 x {'x'.join(map(str, k_shape))} x {size} B = "
              f"{est.kv_bytes / GIB:.3f} GiB ({cfg.max_num_seqs} sequence slots + {cfg.prefix_cache_rows} prefix-cache "
              f"rows; each row {est.kv_bytes / cfg.num_cache_rows / 2 ** 20:.1f} MiB)",
              f"  resident (weights + KV): {est.resident_bytes / GIB:.3f} GiB",
              f"  per graph ({len(est.graphs)} graphs): NEFF allowance {mib(NEFF_ALLOWANCE_BYTES)} + scratch "
-             f"= {ACTIVATION_BYTES} B x (rows x (2 hidden + 2 intermediate/tp + heads/tp x span) + logit rows x vocab); "
-             "summed over graphs, an upper bound"]
+             f"= {ACTIVATION_BYTES} B x (rows x (2 hidden + ffn + heads/tp x span) + logit rows x vocab), ffn = "
+             + (f"experts x (2 expert intermediate/tp + hidden + 1) = {ffn_row_elements(model, tp)}"
+                if model.num_experts else f"2 intermediate/tp = {ffn_row_elements(model, tp)}")
+             + "; summed over graphs, an upper bound"]
     width = max(len(g.name) for g in est.graphs)
     for g in est.graphs:
         lines.append(f"    {g.name:<{width}} {mib(g.neff_bytes)} + {mib(g.scratch_bytes)}")
@@ -209,7 +223,10 @@ def describe_plan(cfg: CompileConfig) -> str:
     lines = ["compile plan (dry run: nothing compiled, no weights loaded)",
              f"checkpoint: {cfg.checkpoint} ({model.architecture}, {model.num_layers} layers, {model.num_heads} heads, "
              f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, hidden {model.hidden_size}, "
-             f"intermediate {model.intermediate_size}, vocab {model.vocab_size})"]
+             f"intermediate {model.intermediate_size}, vocab {model.vocab_size}"
+             + (f", {model.num_experts} experts top {model.num_experts_per_tok} of intermediate "
+                f"{model.moe_intermediate_size} in {model.num_layers - len(model.dense_layers)} layers, every expert "
+                "computed per token" if model.num_experts else "") + ")"]
     if neuron:
         lines.append(f"target: neuron --neuron-target {cfg.neuron_target}, tp {cfg.tp_degree}, "
                      f"LNC {flags.LNC[cfg.neuron_target]}, dtype {cfg.dtype}, quantization {cfg.quantization}, tracer NxD Core ModelBuilder "

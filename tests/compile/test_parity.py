@@ -15,6 +15,7 @@ PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=
                        max_num_seqs=2, max_model_len=128)
 # Lengths on both sides of each context bucket edge, and past the largest one (chunked prefill).
 PROMPT_LENGTHS = (5, 16, 17, 64, 65, 90)
+MOE_PROMPT_LENGTHS = (5, 17, 90)  # a small bucket, a large one, a chunked prompt
 NEW_TOKENS = 24  # decode crosses the 32 and 64 KV bucket edges for most prompts
 
 LLAMA3_ROPE = dict(tie_word_embeddings=False, rope_parameters={
@@ -35,6 +36,11 @@ VARIANTS = {
     "qwen3-qk-norm-tied": ("qwen3", {}, "auto"),
     "qwen3-head-dim-32-untied": ("qwen3", dict(head_dim=32, tie_word_embeddings=False), "auto"),
     "qwen3-head-dim-32-tied-portable": ("qwen3", dict(head_dim=32), "portable"),
+    # MoE (tiny_models.TINY_MOE: 4 experts, top 2): Mixtral renormalises the top 2 (cpu-onednn); Qwen3-MoE with
+    # norm_topk_prob off and a dense layer (mlp_only_layers) beside the sparse one (portable). The other two
+    # (model, variant) pairs: test_moe_eager_variants_match_transformers.
+    "mixtral-untied": ("mixtral", dict(tie_word_embeddings=False), "auto"),
+    "qwen3moe-dense-layer-portable": ("qwen3moe", dict(norm_topk_prob=False, mlp_only_layers=[1]), "portable"),
 }
 
 
@@ -88,7 +94,10 @@ def assert_greedy_parity(runner, hf, length):
 
 @pytest.mark.parametrize("length", PROMPT_LENGTHS)
 def test_greedy_tokens_and_logits_match_transformers(variant, length):
-    assert_greedy_parity(*variant, length)
+    runner, hf = variant
+    if getattr(hf.config, "num_experts", 0) and length not in MOE_PROMPT_LENGTHS:
+        pytest.skip("MoE variants: one prompt per bucket kind (test time)")
+    assert_greedy_parity(runner, hf, length)
 
 
 @pytest.mark.parametrize("length", GEMMA_PROMPT_LENGTHS)
@@ -311,3 +320,105 @@ def test_execute_runs_copies_then_decode_then_prefill_then_forks(tiny_artifact):
     assert result.token_ids == [want_a, want_b, want_b, want_c]
     assert [r.kind for r in result.runs] == ["decode", "prefill"]       # two prompts, one prefill call
     torch.testing.assert_close(runner.k_cache[:, 3, :, :len(b)], runner.k_cache[:, 1, :, :len(b)])
+
+
+@pytest.mark.parametrize("arch,overrides", [("mixtral", dict(sliding_window=12)),
+                                            ("qwen3moe", dict(head_dim=32, decoder_sparse_step=2))])
+def test_moe_eager_variants_match_transformers(tmp_path, smollm2_tokenizer_dir, arch, overrides):
+    """compile.model run eagerly (no artifact) in both graph variants: a prefill's logits at every position and a
+    decode step after it equal transformers' for Mixtral with a sliding window shorter than the prompt and for
+    Qwen3-MoE with every other layer dense (decoder_sparse_step 2: layer 0 dense, layer 1 sparse)."""
+    from transformers import AutoModelForCausalLM
+
+    from compile.checkpoint import load_checkpoint
+    from compile.cpu_kernels import graph_weights, onednn_problem
+    from compile.model import CPU_ONEDNN, PORTABLE, decode, make_weights, prefill
+    ckpt = make_tiny_checkpoint(tmp_path / arch, smollm2_tokenizer_dir, arch, **overrides)
+    loaded = load_checkpoint(str(ckpt), torch.float32)
+    cfg = loaded.config
+    assert cfg.dense_layers == ((0,) if arch == "qwen3moe" else ())
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (21,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    for variant in (PORTABLE,) + (() if onednn_problem(torch.float32) else (CPU_ONEDNN,)):
+        w = make_weights(cfg, graph_weights(cfg, loaded.weights, variant), variant)
+        logits, k, v = prefill(w, ids[:20], torch.tensor(0), torch.tensor(19))
+        torch.testing.assert_close(logits[0], ref[19], rtol=1e-4, atol=1e-4)
+        step, _, _ = decode(w, ids[20:], torch.tensor([20]), k[:, None], v[:, None])
+        torch.testing.assert_close(step[0], ref[20], rtol=1e-4, atol=1e-4)
+        assert int(step[0].argmax()) == int(ref[20].argmax())
+
+
+def test_moe_config_reading_and_refusals():
+    """Mixtral and Qwen3-MoE configs in Kiln's terms (from model_type alone too, as GGUF configs come); the dense
+    layers transformers builds; one-line refusals; a manifest from before the MoE fields reads as dense."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
+
+    from compile.checkpoint import CheckpointError, model_config_from_hf
+    from compile.model import ModelConfig, weight_names
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256)
+    mix = model_config_from_hf(MixtralConfig(**base, num_local_experts=8, num_experts_per_tok=2, sliding_window=32))
+    assert (mix.architecture, mix.num_experts, mix.num_experts_per_tok, mix.moe_intermediate_size, mix.norm_topk_prob,
+            mix.dense_layers, mix.sliding_window, mix.qk_norm) == ("MixtralForCausalLM", 8, 2, 128, True, (), 32, False)
+    names = weight_names(mix)
+    assert "model.layers.3.mlp.experts.down_proj_t" in names and "model.layers.0.mlp.gate.weight" in names
+    assert not any(".mlp.gate_proj." in n for n in names)
+    qwen = model_config_from_hf(Qwen3MoeConfig(**base, head_dim=16, num_experts=8, num_experts_per_tok=4,
+                                               moe_intermediate_size=32, mlp_only_layers=[3], decoder_sparse_step=2))
+    assert (qwen.architecture, qwen.moe_intermediate_size, qwen.norm_topk_prob, qwen.dense_layers, qwen.qk_norm) == (
+        "Qwen3MoeForCausalLM", 32, False, (0, 2, 3), True)  # layers 0 and 2: not a sparse step; 3: mlp_only
+    assert "model.layers.2.mlp.gate_proj.weight" in weight_names(qwen)
+    assert ModelConfig.from_dict(qwen.to_dict()) == qwen  # dense_layers round-trips through the manifest's JSON
+    assert model_config_from_hf(Qwen3MoeConfig(**base, num_experts=8, use_sliding_window=True,
+                                               sliding_window=16)).sliding_window == 16
+    for bad, start in ((MixtralConfig(**base, num_local_experts=2, num_experts_per_tok=3),
+                        "MixtralForCausalLM with 2 experts and num_experts_per_tok=3"),
+                       (LlamaConfig(**base, architectures=["Qwen2MoeForCausalLM"]),
+                        "architecture Qwen2MoeForCausalLM")):
+        with pytest.raises(CheckpointError) as err:
+            model_config_from_hf(bad)
+        assert "\n" not in str(err.value) and str(err.value).startswith(start), str(err.value)
+    # no experts at all: transformers builds every layer dense, and so does Kiln
+    all_dense = model_config_from_hf(Qwen3MoeConfig(**base, num_experts=0))
+    assert (all_dense.num_experts, all_dense.qk_norm) == (0, True)
+    assert "model.layers.0.mlp.up_proj.weight" in weight_names(all_dense)
+    moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "dense_layers")
+    old = {k: v for k, v in mix.to_dict().items() if k not in moe_keys}
+    assert ModelConfig.from_dict({**old, "architecture": "MistralForCausalLM"}).num_experts == 0
+
+
+def test_qwen3moe_gguf_reads_as_its_hf_folder_and_mixtral_gguf_is_refused(tmp_path, smollm2_tokenizer_dir,
+                                                                           monkeypatch):
+    """A Qwen3-MoE GGUF (llama.cpp's `qwen3moe`, experts as ffn_*_exps stacks) gives the folder's config and the
+    very same weights: transformers reads no expert_feed_forward_length (its default is 768); Kiln takes the
+    file's. llama.cpp's Mixtral (`llama` with experts) is refused in one line: transformers reads it as dense.
+    The tokenizer is not loaded (test_qwen3_gguf_reads_as_its_hf_folder covers it: 20 s of GGUF vocab here)."""
+    import gguf
+    import transformers
+
+    class NoTokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return None
+
+    from compile.checkpoint import CheckpointError, load_checkpoint
+    from tiny_models import write_tiny_gguf
+    folder = make_tiny_checkpoint(tmp_path / "hf", smollm2_tokenizer_dir, "qwen3moe", tie_word_embeddings=False)
+    gguf_file = write_tiny_gguf(folder, tmp_path / "tiny-qwen3moe.gguf", arch="qwen3moe")
+    monkeypatch.setattr(transformers, "AutoTokenizer", NoTokenizer)  # after the folder's tokenizer is written
+    hf, ours = load_checkpoint(str(folder), torch.float32), load_checkpoint(str(gguf_file), torch.float32)
+    assert ours.config.to_dict() == {**hf.config.to_dict(), "rms_norm_eps": ours.config.rms_norm_eps}
+    assert ours.weights.keys() == hf.weights.keys()
+    assert all(torch.equal(ours.weights[n], t) for n, t in hf.weights.items())
+    mixtral = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(str(mixtral), "llama")
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(mixtral), torch.float32)
+    assert "\n" not in str(err.value) and str(err.value).startswith("GGUF architecture llama with 8 experts (Mixtral)")

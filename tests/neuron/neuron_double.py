@@ -206,6 +206,13 @@ class QuantizedRowParallel(QuantizedColumnParallel):
         return output_size, input_size // self.tp
 
 
+def reduce_from_tensor_model_parallel_region(x):
+    """NxD's all-reduce over the tp group (parallel_layers.mappings): nothing to sum at world size 1."""
+    if REC.tp > 1:
+        raise RuntimeError("the double cannot all-reduce across ranks")
+    return x
+
+
 def shard_checkpoint(checkpoint, model, start_rank=None, end_rank=None, load_on_device=False, serialize_path=None):
     tp = REC.tp
     start = 0 if start_rank is None else start_rank
@@ -224,6 +231,10 @@ def shard_checkpoint(checkpoint, model, start_rank=None, end_rank=None, load_on_
                 dim = 0
             else:
                 dim = 1 if isinstance(owner, RowParallelLinear) and name.endswith("weight") else None
+            param = model.state_dict(keep_vars=True)[name]
+            if getattr(param, "tensor_model_parallel", False):  # NxD's get_sharded_model_dict: dims 0 and 1 only
+                assert param.partition_dim in (0, 1) and param.partition_stride == 1, name
+                dim = param.partition_dim
             shard[name] = full.chunk(tp, dim)[rank] if dim is not None else full
         out.append(shard)
     return out
@@ -361,6 +372,10 @@ def install(monkeypatch, with_nxd: bool = True) -> Recorder:
             "neuronx_distributed", ModelBuilder=ModelBuilder, NxDModel=NxDModel, NxDParallelState=NxDParallelState,
             shard_checkpoint=shard_checkpoint, parallel_layers=layers))
         monkeypatch.setitem(sys.modules, "neuronx_distributed.parallel_layers", layers)
+        mappings = module("neuronx_distributed.parallel_layers.mappings",
+                          reduce_from_tensor_model_parallel_region=reduce_from_tensor_model_parallel_region)
+        layers.mappings = mappings
+        monkeypatch.setitem(sys.modules, "neuronx_distributed.parallel_layers.mappings", mappings)
     else:
         monkeypatch.setitem(sys.modules, "neuronx_distributed", None)
     monkeypatch.setattr(toolchain, "installed_version", VERSIONS.get)

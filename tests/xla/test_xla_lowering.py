@@ -42,6 +42,7 @@ import types  # noqa: E402
 from compile.buckets import GraphSpec  # noqa: E402
 from compile.model import ModelConfig, Weights, decode, prefill, weight_names  # noqa: E402
 from compile.neuron.graphs import COPY_SLOT, NeuronBucketGraph, weight_shapes  # noqa: E402
+from compile.quantize import SCALE_SUFFIX, quantize_weights  # noqa: E402
 from neuron import neuron_double  # noqa: E402
 
 pytestmark = pytest.mark.xla
@@ -57,7 +58,15 @@ GEMMA = replace(LLAMA, architecture="Gemma3ForCausalLM", head_dim=32, rope_theta
                 qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_add_one=True, embedding_multiplier=8.0, sandwich_norms=True,
                 query_pre_attn_scalar=24.0, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                 full_attention_layers=(1,), rope_local_base_freq=10000.0)
-CONFIGS = {"llama": LLAMA, "gemma": GEMMA}
+# MoE (Qwen3-MoE: q/k norms, 4 experts top 2 renormalised, layer 1 dense): routing, top-k and every expert
+# computed and masked, in one static graph per bucket like the rest. One KV head of 32 gives it a cache shape
+# of its own, so its copy_slot graph is not another config's again (a compile the count would miss).
+MOE = replace(LLAMA, architecture="Qwen3MoeForCausalLM", qk_norm=True, num_kv_heads=1, head_dim=32, num_experts=4,
+              num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, dense_layers=(1,))
+# int8 weights (compile/quantize.py): NxD's quantized parallel layers (the double's), the int8 weight cast to the
+# dtype for the matmul, then the float32 scales. One KV head of 16: a cache shape of its own, as above.
+INT8 = replace(LLAMA, quantization="int8", num_kv_heads=1)
+CONFIGS = {"llama": LLAMA, "gemma": GEMMA, "qwen3moe": MOE, "llama-int8": INT8}
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
 STORE = 2
@@ -78,7 +87,7 @@ def random_weights(CFG: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     weights = {}
     for name, shape in weight_shapes(CFG).items():
-        if name.startswith("rope.") or name == "lm_head.weight":
+        if name.startswith("rope.") or name == "lm_head.weight" or name.endswith(SCALE_SUFFIX):
             continue
         weights[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.08
     if "lm_head.weight" in weight_names(CFG):
@@ -87,7 +96,7 @@ def random_weights(CFG: ModelConfig) -> dict[str, torch.Tensor]:
     for name, theta in (("rope.inv_freq", CFG.rope_theta), ("rope.local_inv_freq", CFG.rope_local_base_freq)):
         if name in weight_names(CFG):
             weights[name] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    return weights
+    return quantize_weights(CFG, weights) if CFG.quantization else weights
 
 
 class CpuReference:
@@ -129,6 +138,11 @@ def install_parallel_layers() -> None:
     layers.RowParallelLinear = neuron_double.RowParallelLinear
     sys.modules.setdefault("neuronx_distributed", types.ModuleType("neuronx_distributed"))
     sys.modules["neuronx_distributed.parallel_layers"] = layers
+    quantized = types.ModuleType("neuronx_distributed.quantization.quantization_layers")
+    quantized.QuantizedColumnParallel = neuron_double.QuantizedColumnParallel
+    quantized.QuantizedRowParallel = neuron_double.QuantizedRowParallel
+    sys.modules.setdefault("neuronx_distributed.quantization", types.ModuleType("neuronx_distributed.quantization"))
+    sys.modules["neuronx_distributed.quantization.quantization_layers"] = quantized
 
 
 class XlaGraphs:
