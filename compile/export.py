@@ -87,7 +87,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         raise ArtifactError(f"{out}: already exists and is {what}; pass --force to replace it")
 
     dtype = torch_dtype(cfg.dtype)
-    ckpt = load_checkpoint(cfg.checkpoint, dtype)
+    ckpt = load_checkpoint(cfg.checkpoint, dtype, cfg.max_model_len)
     if cfg.target == "neuron":
         from compile import neuron_target
         backend = neuron_target

@@ -1,8 +1,11 @@
 """The one model definition: Llama-family decoders with static shapes and an explicit KV cache.
 
 Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
-(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings) and Qwen3ForCausalLM
-(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias).
+(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings), Qwen3ForCausalLM
+(per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias) and Phi3ForCausalLM
+(fused qkv_proj / gate_up_proj in the checkpoint, split into q/k/v and gate/up at load by
+compile/checkpoint.py; rope on the first rotary_dim of each head only; LongRoPE's factors baked into
+rope.inv_freq at load).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -32,7 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
 PORTABLE, CPU_ONEDNN = "portable", "cpu-onednn"
 GRAPH_VARIANTS = (PORTABLE, CPU_ONEDNN)
 MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -66,6 +70,12 @@ class ModelConfig:
     # Qwen3: an RMSNorm over each head's q and k (self_attn.q_norm / k_norm, [head_dim]) before rope.
     # NOTE: defaulted, so a manifest written before the field existed still reads (as False).
     qk_norm: bool = False
+    # Phi-3: rope turns only the first int(head_dim * partial_rotary_factor) dims of each head (rotary_dim),
+    # the rest pass through, as transformers' apply_rotary_pos_emb does. Defaulted like qk_norm.
+    partial_rotary_factor: float = 1.0
+    # LongRoPE (rope_type "longrope"): which factor set rope.inv_freq holds, "short" or "long", chosen once
+    # at compile time from --max-model-len (compile/checkpoint.py rope_inv_freq); None for other rope types.
+    longrope_factors: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,6 +89,11 @@ class ModelConfig:
     @property
     def num_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rope turns (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 def weight_names(cfg: ModelConfig) -> list[str]:
@@ -186,7 +201,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype):
-    """positions [...] int64 -> cos, sin [..., head_dim] (HF's formula, incl. attention scaling)."""
+    """positions [...] int64 -> cos, sin [..., rotary_dim] (HF's formula, incl. attention scaling)."""
     freqs = positions[..., None].to(torch.float32) * w["rope.inv_freq"].to(torch.float32)
     emb = torch.cat((freqs, freqs), dim=-1)
     scale = w.cfg.rope_attention_scaling
@@ -194,6 +209,11 @@ def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D], cos/sin [..., R]: rope on the first R dims, the other D - R passed through (partial rotary;
+    a static choice from the shapes)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

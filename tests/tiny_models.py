@@ -35,16 +35,19 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     """Write an HF folder (config.json, model.safetensors, tokenizer files) with random weights."""
     import shutil
 
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
     if arch == "qwen3":  # Qwen3Config defaults head_dim to 128: hidden / heads unless overridden, as for the others
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if arch == "phi3":  # Phi3Config's pad_token_id default (32000) is past a tiny vocabulary
+        kwargs["pad_token_id"] = None
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
@@ -61,13 +64,27 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     return out
 
 
-def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
+def phi3_longrope(original: int, partial: float, rotary_pairs: int) -> dict:
+    """Phi-3 config overrides for LongRoPE: distinct short and long factors (one per rotary pair, as many as
+    int(head_dim * partial) / 2), max_position_embeddings 4x original_max_position_embeddings (so the
+    attention factor is sqrt(1 + ln 4 / ln original))."""
+    g = torch.Generator().manual_seed(original)
+    rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=partial,
+                short_factor=(1 + torch.rand(rotary_pairs, generator=g)).tolist(),
+                long_factor=(2 + 6 * torch.rand(rotary_pairs, generator=g)).tolist())
+    return dict(rope_scaling=rope, original_max_position_embeddings=original, max_position_embeddings=4 * original)
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: bool = True) -> Path:
     """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
     GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
-    q/k need no llama.cpp permutation (qwen2, qwen3)."""
+    q/k need no llama.cpp permutation (qwen2, qwen3, phi3; phi3 with its rope dimension count, sliding window
+    and LongRoPE factors as the converter writes them). tokenizer=False: no tokenizer fields, only
+    {arch}.vocab_size (reading the SmolLM2 vocabulary's fields takes seconds each time a reader opens the file)."""
     import json
 
     import gguf
+    import numpy as np
     from safetensors.torch import load_file
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), arch)
@@ -83,9 +100,24 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3") -> Path:
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e4))))
+    if arch == "phi3":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if cfg.get("sliding_window"):
+            writer.add_sliding_window(cfg["sliding_window"])
+        if rope.get("rope_type") == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     adders = {gguf.GGUFValueType.STRING: writer.add_string, gguf.GGUFValueType.UINT32: writer.add_uint32,
               gguf.GGUFValueType.BOOL: writer.add_bool, gguf.GGUFValueType.ARRAY: writer.add_array}
-    for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items():
+    if not tokenizer:
+        writer.add_vocab_size(cfg["vocab_size"])
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+            if cfg.get(key) is not None:
+                add(cfg[key])
+        writer.add_pad_token_id(cfg.get("pad_token_id") or 0)  # else a config default (Phi-3's 32000) may not fit
+    for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items() if tokenizer else ():
         if name.startswith("tokenizer."):
             adders[field.types[0]](name, field.contents())
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])

@@ -51,7 +51,7 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  "self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,),
                  "self_attn.o_proj.weight": (hidden, q_out), "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
                  "mlp.up_proj.weight": (cfg.intermediate_size, hidden), "mlp.down_proj.weight": (hidden, cfg.intermediate_size)}
-    fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.head_dim // 2,),
+    fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.rotary_dim // 2,),
              "model.norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
     shapes = {}
     for name in weight_names(cfg):

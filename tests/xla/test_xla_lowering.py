@@ -15,6 +15,9 @@ which are plain linears there). It shows, per graph:
 4. the greedy tokens equal the cpu target's math (compile.model run eagerly with the cache written
    outside the graph, as CpuRunner does), and only slot copies write the store rows.
 
+Run for Llama and for Phi-3 as Kiln loads it (rope on half of each head and the rest passed through,
+LongRoPE's factors in rope.inv_freq and its attention factor on cos/sin).
+
 Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv
 (.ci/run does). Skipped wherever torch_xla is not importable (the main environment).
 """
@@ -31,6 +34,7 @@ import torch  # noqa: E402
 import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -43,10 +47,16 @@ from neuron import neuron_double  # noqa: E402
 pytestmark = pytest.mark.xla
 sync = getattr(torch_xla, "sync", xm.mark_step)  # torch_xla.sync is the newer name
 
-CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
+LLAMA = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                   rope_type="default", rope_attention_scaling=1.0, attention_bias=False, tie_word_embeddings=True,
                   sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
+# Phi-3 as compile/checkpoint.py leaves it: q/k/v and gate/up split out of the fused checkpoint tensors (so the
+# graphs' weights are Llama's), rope on the first half of each head only, LongRoPE's long factors and its
+# attention factor (sqrt(1 + ln 4 / ln 32)) folded into rope.inv_freq and cos/sin.
+PHI3 = dataclasses.replace(LLAMA, architecture="Phi3ForCausalLM", partial_rotary_factor=0.5, rope_type="longrope",
+                           rope_attention_scaling=1.1832159566199232, longrope_factors="long")
+CONFIGS = {"llama": LLAMA, "phi3-partial-longrope": PHI3}
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
 STORE = 2
@@ -63,27 +73,30 @@ def chunk_shape(n: int, start: int) -> tuple[int, int]:
     return next(c for c in CHUNKS if c >= n), next(p for p in PASTS if p >= start)
 
 
-def random_weights() -> dict[str, torch.Tensor]:
+def random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     weights = {}
-    for name, shape in weight_shapes(CFG).items():
+    for name, shape in weight_shapes(cfg).items():
         if name in ("rope.inv_freq", "lm_head.weight"):
             continue
         weights[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.08
-    if "lm_head.weight" in weight_names(CFG):
-        weights["lm_head.weight"] = torch.randn(CFG.vocab_size, CFG.hidden_size, generator=g) * 0.08
-    d = CFG.head_dim
-    weights["rope.inv_freq"] = 1.0 / (CFG.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if "lm_head.weight" in weight_names(cfg):
+        weights["lm_head.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.08
+    d = cfg.rotary_dim
+    factors = 2 + 6 * torch.rand(d // 2, generator=g) if cfg.rope_type == "longrope" else torch.ones(d // 2)
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    weights["rope.inv_freq"] = 1.0 / (factors * cfg.rope_theta ** exponents)
     return weights
 
 
 class CpuReference:
     """The cpu target's math: compile.model eagerly, new K/V written into host caches outside."""
 
-    def __init__(self, weights):
-        self.w = Weights(CFG, [weights[n] for n in weight_names(CFG)])
-        self.k = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
-        self.v = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
+    def __init__(self, cfg, weights):
+        self.cfg = cfg
+        self.w = Weights(cfg, [weights[n] for n in weight_names(cfg)])
+        self.k = torch.zeros(cfg.num_layers, ROWS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
+        self.v = torch.zeros(cfg.num_layers, ROWS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
 
     def prefill(self, slot, ids, start):
         n, s = len(ids), (chunk_shape(len(ids), start)[0] if start else next(c for c in CONTEXT if c >= len(ids)))
@@ -121,10 +134,11 @@ def install_parallel_layers() -> None:
 class XlaGraphs:
     """The one module on the XLA device: every tag reads and reassigns the same cache buffers."""
 
-    def __init__(self, weights):
+    def __init__(self, cfg, weights):
+        self.cfg = cfg
         install_parallel_layers()
         self.device = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
-        module = NeuronBucketGraph(CFG, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
+        module = NeuronBucketGraph(cfg, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
         checkpoint = dict(weights, **{"lm_head.weight": weights["model.embed_tokens.weight"]})
         for name, value in checkpoint.items():
             neuron_double.set_tensor(module, name, value.clone())
@@ -183,7 +197,7 @@ def workload(runner, seed: int) -> list[int]:
         pos[slot] = len(ids)
 
     def prompt(slot, n):
-        ids = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+        ids = torch.randint(0, runner.cfg.vocab_size, (n,), generator=g).tolist()
         prefill(slot, ids, 0)
         return ids
 
@@ -193,7 +207,7 @@ def workload(runner, seed: int) -> list[int]:
 
     def resume(slot, row, hit, n):  # a prefix-cache hit: the row's first `hit` positions, then n new tokens
         runner.copy_slot(SLOTS + row, slot, hit)
-        prefill(slot, stored[row][:hit] + torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist(), hit)
+        prefill(slot, stored[row][:hit] + torch.randint(0, runner.cfg.vocab_size, (n,), generator=g).tolist(), hit)
 
     def step(rows):  # decode slots 0..rows-1
         logits = runner.decode([last[s] for s in range(rows)], [pos[s] for s in range(rows)])
@@ -264,18 +278,20 @@ def bad_negative_infinities(hlo: str) -> list[str]:
     return bad
 
 
-def own_kv_elements(spec: GraphSpec) -> int:
+def own_kv_elements(spec: GraphSpec, cfg: ModelConfig) -> int:
     rows = {"decode": spec.batch, "copy_slot": MAX_LEN}.get(spec.kind, spec.seq_len)
-    return CFG.num_layers * CFG.num_kv_heads * rows * CFG.head_dim
+    return cfg.num_layers * cfg.num_kv_heads * rows * cfg.head_dim
 
 
-def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
-    weights = random_weights()
-    xla = XlaGraphs(weights)
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target(family):
+    cfg = CONFIGS[family]
+    weights = random_weights(cfg)
+    xla = XlaGraphs(cfg, weights)
     before = compiles()
     first = workload(xla, seed=1)
     after_first = compiles()
-    reference = CpuReference(weights)
+    reference = CpuReference(cfg, weights)
     assert first == workload(reference, seed=1)
     state = xla.module.cache_k.cpu()
     # the store rows: row 0 holds exactly what copy_slot put there, row 1 was never written by any graph
@@ -285,8 +301,8 @@ def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
     assert after_first - before == len(SPECS), met.short_metrics_report()
     second = workload(xla, seed=2)  # same graphs, other tokens: nothing new to compile
     assert compiles() == after_first, met.short_metrics_report()
-    assert second == workload(CpuReference(weights), seed=2)
-    full_cache = CFG.num_layers * ROWS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
+    assert second == workload(CpuReference(cfg, weights), seed=2)
+    full_cache = cfg.num_layers * ROWS * cfg.num_kv_heads * MAX_LEN * cfg.head_dim
     for spec in SPECS:
         hlo = xla.hlo[spec.name]
         assert "f64" not in hlo, (spec.name, [line for line in hlo.splitlines() if "f64" in line][:3])
@@ -294,4 +310,4 @@ def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target():
         ops = index_operands(hlo)
         assert any(op == "scatter" for op, _ in ops), spec.name  # the state update is in the graph
         for op, size in ops:
-            assert size <= own_kv_elements(spec) < full_cache, (spec.name, op, size, own_kv_elements(spec))
+            assert size <= own_kv_elements(spec, cfg) < full_cache, (spec.name, op, size, own_kv_elements(spec, cfg))
