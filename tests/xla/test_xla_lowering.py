@@ -53,9 +53,10 @@ LLAMA = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size
                   sliding_window=None, max_position_embeddings=512, bos_token_id=None, eos_token_ids=())
 # Phi-3 as compile/checkpoint.py leaves it: q/k/v and gate/up split out of the fused checkpoint tensors (so the
 # graphs' weights are Llama's), rope on the first half of each head only, LongRoPE's long factors and its
-# attention factor (sqrt(1 + ln 4 / ln 32)) folded into rope.inv_freq and cos/sin.
-PHI3 = dataclasses.replace(LLAMA, architecture="Phi3ForCausalLM", partial_rotary_factor=0.5, rope_type="longrope",
-                           rope_attention_scaling=1.1832159566199232, longrope_factors="long")
+# attention factor (sqrt(1 + ln 4 / ln 32)) folded into rope.inv_freq and cos/sin. As many KV heads as heads
+# (Phi-3-mini's): its cache differs from LLAMA's, so no graph (copy_slot) comes from the first case's XLA cache.
+PHI3 = dataclasses.replace(LLAMA, architecture="Phi3ForCausalLM", num_kv_heads=4, partial_rotary_factor=0.5,
+                           rope_type="longrope", rope_attention_scaling=1.1832159566199232, longrope_factors="long")
 CONFIGS = {"llama": LLAMA, "phi3-partial-longrope": PHI3}
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
