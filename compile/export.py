@@ -88,7 +88,7 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         raise ArtifactError(f"{out}: already exists and is {what}; pass --force to replace it")
 
     dtype = torch_dtype(cfg.dtype)
-    ckpt = quantize_checkpoint(load_checkpoint(cfg.checkpoint, dtype), cfg.quantization)
+    ckpt = quantize_checkpoint(load_checkpoint(cfg.checkpoint, dtype, cfg.max_model_len), cfg.quantization)
     if cfg.target == "neuron":
         from compile import neuron_target
         backend = neuron_target

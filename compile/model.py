@@ -1,13 +1,15 @@
 """The one model definition: Llama-family decoders with static shapes and an explicit KV cache.
 
 Covers LlamaForCausalLM (SmolLM2, TinyLlama, Llama 2/3 with rope scaling), MistralForCausalLM
-(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings) and Qwen3ForCausalLM
+(sliding window), Qwen2ForCausalLM (qkv bias, tied or untied embeddings), Qwen3ForCausalLM
 (per-head RMSNorm on q and k before rope, head_dim from the config, no qkv bias), Gemma2ForCausalLM and
 Gemma3ForCausalLM (text): RMSNorm scaling by (1 + weight), GeGLU, norms before and after the attention and the
 MLP, embeddings times sqrt(hidden), a query scale of its own, tanh soft-capping of attention scores and final
 logits (Gemma 2), sliding-window and global layers mixed, and a second rope base for the sliding layers (Gemma 3),
-and the mixture-of-experts MixtralForCausalLM and Qwen3MoeForCausalLM (`moe`: softmax router, top-k,
-every expert computed and the unselected ones weighted zero, so shapes never depend on routing).
+Phi3ForCausalLM (fused qkv_proj / gate_up_proj in the checkpoint, split into q/k/v and gate/up at load by
+compile/checkpoint.py; rope on the first rotary_dim of each head only; LongRoPE's factors baked into
+rope.inv_freq at load), and the mixture-of-experts MixtralForCausalLM and Qwen3MoeForCausalLM (`moe`: softmax
+router, top-k, every expert computed and the unselected ones weighted zero, so shapes never depend on routing).
 
 Everything is a pure function of (weights, inputs): weights are passed in, never captured, so
 a traced bucket graph carries no weights and every graph binds the same stored tensors.
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 from compile.quantize import SCALE_SUFFIX, is_quantized_projection
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM",
+                           "Qwen3MoeForCausalLM")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # hidden_act: SwiGLU (Llama, Qwen) or GeGLU with tanh GELU (Gemma)
 # A MoE layer's expert stacks, each [experts, moe_intermediate, hidden] (down_proj_t is HF's down_proj
 # transposed: input-major, so all three split over tp on dim 1, the one dim NxD shards of a 3-D weight).
@@ -108,6 +111,12 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     dense_layers: tuple[int, ...] = ()
+    # Phi-3: rope turns only the first int(head_dim * partial_rotary_factor) dims of each head (rotary_dim),
+    # the rest pass through, as transformers' apply_rotary_pos_emb does. Defaulted like qk_norm.
+    partial_rotary_factor: float = 1.0
+    # LongRoPE (rope_type "longrope"): which factor set rope.inv_freq holds, "short" or "long", chosen once
+    # at compile time from --max-model-len (compile/checkpoint.py rope_inv_freq); None for other rope types.
+    longrope_factors: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -156,6 +165,10 @@ class ModelConfig:
     def layer_ropes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.layer_rope(i) for i in range(self.num_layers)))
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rope turns (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
@@ -333,7 +346,7 @@ def rms_norm_add_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 
 
 def rope_cos_sin(w: Weights, positions: torch.Tensor, dtype: torch.dtype, inv_freq: str = "rope.inv_freq"):
-    """positions [...] int64 -> cos, sin [..., head_dim] (HF's formula, incl. attention scaling).
+    """positions [...] int64 -> cos, sin [..., rotary_dim] (HF's formula, incl. attention scaling).
     inv_freq "rope.local_inv_freq": Gemma 3's sliding layers' default rope (no attention scaling)."""
     freqs = positions[..., None].to(torch.float32) * w[inv_freq].to(torch.float32)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -376,6 +389,11 @@ def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D], cos/sin [..., R]: rope on the first R dims, the other D - R passed through (partial rotary;
+    a static choice from the shapes)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

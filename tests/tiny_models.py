@@ -44,8 +44,8 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
 
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
                               LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
@@ -53,7 +53,8 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
                              "gemma2": (Gemma2Config, Gemma2ForCausalLM),
                              "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
                              "mixtral": (MixtralConfig, MixtralForCausalLM),
-                             "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}[arch]
+                             "qwen3moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+                             "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
     kwargs = dict(TINY_COMMON, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   tie_word_embeddings=True)
     if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3"):  # their configs default head_dim to 128/256: hidden /
@@ -66,6 +67,8 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
         kwargs.update(TINY_MOE, **({"num_local_experts": TINY_MOE["num_experts"]} if arch == "mixtral" else {}))
         if arch == "mixtral":
             del kwargs["num_experts"], kwargs["moe_intermediate_size"], kwargs["norm_topk_prob"]
+    if arch == "phi3":  # Phi3Config's pad_token_id default (32000) is past a tiny vocabulary
+        kwargs["pad_token_id"] = None
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
@@ -84,17 +87,30 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, arch: str = "llama", se
     return out
 
 
+def phi3_longrope(original: int, partial: float, rotary_pairs: int) -> dict:
+    """Phi-3 config overrides for LongRoPE: distinct short and long factors (one per rotary pair, as many as
+    int(head_dim * partial) / 2), max_position_embeddings 4x original_max_position_embeddings (so the
+    attention factor is sqrt(1 + ln 4 / ln original))."""
+    g = torch.Generator().manual_seed(original)
+    rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=partial,
+                short_factor=(1 + torch.rand(rotary_pairs, generator=g)).tolist(),
+                long_factor=(2 + 6 * torch.rand(rotary_pairs, generator=g)).tolist())
+    return dict(rope_scaling=rope, original_max_position_embeddings=original, max_position_embeddings=4 * original)
+
+
 def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: bool = True) -> Path:
     """The HF folder's float32 weights as a .gguf file (llama.cpp's tensor names and metadata keys, the SmolLM2
     GGUF's tokenizer fields), as llama.cpp's converter writes an unquantized one. Only for families whose
-    q/k need no llama.cpp permutation (qwen2, qwen3, qwen3moe without dense layers, gemma2, gemma3). Gemma: norm
-    weights stored as 1 + w, the sliding window and (gemma2) both soft-caps in the metadata, as llama.cpp's
-    converter writes them. tokenizer=False: no tokenizer fields (transformers parses the SmolLM2 tokenizer's
-    49k-entry arrays in Python on every config, model and tokenizer load, about 10 s each on the test machine)."""
+    q/k need no llama.cpp permutation (qwen2, qwen3, qwen3moe without dense layers, gemma2, gemma3, phi3). Gemma:
+    norm weights stored as 1 + w, the sliding window and (gemma2) both soft-caps in the metadata; phi3: its rope
+    dimension count, sliding window and LongRoPE factors; as llama.cpp's converter writes them. tokenizer=False:
+    no tokenizer fields, only {arch}.vocab_size and the special token ids (transformers parses the SmolLM2
+    tokenizer's 49k-entry arrays in Python on every config, model and tokenizer load, about 10 s each here)."""
     import json
     import re
 
     import gguf
+    import numpy as np
     from safetensors.torch import load_file
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), arch)
@@ -121,8 +137,23 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch: str = "qwen3", tokenizer: boo
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch == "phi3":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if cfg.get("sliding_window"):
+            writer.add_sliding_window(cfg["sliding_window"])
+        if rope.get("rope_type") == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     adders = {gguf.GGUFValueType.STRING: writer.add_string, gguf.GGUFValueType.UINT32: writer.add_uint32,
               gguf.GGUFValueType.BOOL: writer.add_bool, gguf.GGUFValueType.ARRAY: writer.add_array}
+    if not tokenizer:
+        writer.add_vocab_size(cfg["vocab_size"])
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+            if cfg.get(key) is not None:
+                add(cfg[key])
+        writer.add_pad_token_id(cfg.get("pad_token_id") or 0)  # else a config default (Phi-3's 32000) may not fit
     for name, field in gguf.GGUFReader(str(smollm2_gguf_path())).fields.items() if tokenizer else ():
         if name.startswith("tokenizer."):
             adders[field.types[0]](name, field.contents())

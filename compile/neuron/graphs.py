@@ -66,8 +66,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.quantization:  # compile/quantize.py: one float32 scale per output channel
         per_layer.update({name.replace(".weight", SCALE_SUFFIX): (shape[0], 1) for name, shape in per_layer.items()
                           if name.endswith(".weight") and name.rsplit(".", 1)[0] in QUANTIZED_PROJECTIONS})
-    fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.head_dim // 2,),
-             "rope.local_inv_freq": (cfg.head_dim // 2,),  # Gemma 3's sliding layers
+    fixed = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "rope.inv_freq": (cfg.rotary_dim // 2,),
+             "rope.local_inv_freq": (cfg.rotary_dim // 2,),  # Gemma 3's sliding layers
              "model.norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
     shapes = {}
     for name in weight_names(cfg):

@@ -1,6 +1,8 @@
 """Token-for-token parity with Hugging Face transformers, through a compiled artifact."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from compile.config import CompileConfig
 from compile.export import build_artifact
 from server.runner.artifact import load_artifact
 from server.runner.bucketed import Chunk
-from tiny_models import greedy_through_runner, hf_reference, make_tiny_checkpoint
+from tiny_models import greedy_through_runner, hf_reference, make_tiny_checkpoint, phi3_longrope
 
 PARITY_SETTINGS = dict(dtype="float32", context_buckets=(16, 64), batch_buckets=(1, 2), kv_buckets=(32, 64, 128),
                        max_num_seqs=2, max_model_len=128)
@@ -422,3 +424,106 @@ def test_qwen3moe_gguf_reads_as_its_hf_folder_and_mixtral_gguf_is_refused(tmp_pa
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(str(mixtral), torch.float32)
     assert "\n" not in str(err.value) and str(err.value).startswith("GGUF architecture llama with 8 experts (Mixtral)")
+
+
+# (config overrides, --cpu-kernels, --max-model-len, prompt lengths). head_dim 16: partial 0.5 rotates 8 dims
+# (4 pairs), 0.75 rotates 12 (6 pairs). Fused qkv_proj / gate_up_proj in both checkpoints. One graph per kind
+# (bucket edges are the other variants' business): each artifact builds in about a second.
+PHI3_VARIANTS = {
+    # max_model_len 128 > original 32: the long factors at every position (rope_inv_freq). transformers uses
+    # them too for a prompt past 32 tokens (its prefill call and every decode call reach past 32): exact.
+    # 90 tokens: a 64-token prefill, then a chunk.
+    "phi3-longrope-long-partial": (dict(phi3_longrope(32, 0.5, 4), tie_word_embeddings=False), "auto", 128, (40, 90)),
+    # max_model_len 64 = original: the short factors, which transformers uses for every call up to 64 positions.
+    "phi3-longrope-short-partial-portable": (phi3_longrope(64, 0.75, 6), "portable", 64, (5, 33)),
+}
+PHI3_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=list(PHI3_VARIANTS))
+def phi3_variant(request, tmp_path_factory, smollm2_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+    overrides, kernels, max_len, lengths = PHI3_VARIANTS[request.param]
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), smollm2_tokenizer_dir, "phi3", **overrides)
+    out = tmp_path_factory.mktemp("art") / request.param
+    settings = dict(dtype="float32", context_buckets=(64,), batch_buckets=(2,), kv_buckets=(max_len,),
+                    max_num_seqs=2, max_model_len=max_len, prefix_cache_rows=0)
+    build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **settings), out, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    return load_artifact(out).runner, hf, lengths
+
+
+def test_phi3_greedy_tokens_and_logits_match_transformers(phi3_variant):
+    """Phi-3 (fused checkpoint projections, partial rotary, LongRoPE) token for token against transformers,
+    each prompt's first logits within 1e-4 relative, where the artifact's factor set is the one transformers uses."""
+    runner, hf, lengths = phi3_variant
+    for length in lengths:
+        g = torch.Generator().manual_seed(length)
+        prompt = torch.randint(0, runner.vocab_size, (length,), generator=g).tolist()
+        ours, our_logits = greedy_through_runner(runner, prompt, PHI3_NEW_TOKENS)
+        ref, ref_logits = hf_reference(hf, prompt, PHI3_NEW_TOKENS)
+        assert ours == ref, length
+        rel = (our_logits - ref_logits).abs().max() / ref_logits.abs().max()
+        assert rel < 1e-4, f"{length}: float32 logits differ by {rel:.2e} relative"
+
+
+def test_phi3_config_longrope_factor_choice_and_refusals():
+    """Phi-3's config in our terms (from model_type alone too, as GGUF configs come); LongRoPE's factor set
+    by --max-model-len against original_max_position_embeddings, each equal to transformers' own; a manifest
+    written before the Phi-3 fields existed still reads; other architectures are a one-line refusal."""
+    from transformers import Phi3Config, PhiConfig
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from compile.checkpoint import CheckpointError, longrope_factor_set, model_config_from_hf, rope_inv_freq
+    from compile.model import ModelConfig, weight_names
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, pad_token_id=None)
+    plain = model_config_from_hf(Phi3Config(**base, sliding_window=24))
+    assert (plain.architecture, plain.rope_type, plain.rotary_dim, plain.sliding_window, plain.attention_bias) == (
+        "Phi3ForCausalLM", "default", 16, 24, False)
+    assert "model.layers.1.self_attn.k_proj.weight" in weight_names(plain)  # split at load: Llama's names
+    partial = Phi3Config(**base, partial_rotary_factor=0.75)  # default rope on 12 of 16 dims: Kiln's own formula
+    torch.testing.assert_close(rope_inv_freq(partial, model_config_from_hf(partial))[0],
+                               Phi3RotaryEmbedding(partial).inv_freq, rtol=0, atol=0)
+    hf = Phi3Config(**base, **phi3_longrope(32, 0.5, 4))
+    cfg = model_config_from_hf(hf)
+    assert (cfg.rope_type, cfg.partial_rotary_factor, cfg.rotary_dim) == ("longrope", 0.5, 8)
+    rope = Phi3RotaryEmbedding(hf)  # transformers: short factors until a call reaches past 32 positions
+    short, long = hf.rope_parameters["short_factor"], hf.rope_parameters["long_factor"]
+    shape = torch.arange(0, 8, 2, dtype=torch.int64).float() / 8
+    for max_len, factors, want in ((32, short, "short"), (33, long, "long"), (None, short, "short")):
+        inv, scaling = rope_inv_freq(hf, cfg, max_len)
+        torch.testing.assert_close(inv, 1.0 / (torch.tensor(factors) * 10000.0 ** shape), rtol=0, atol=0)
+        assert scaling == pytest.approx(math.sqrt(1 + math.log(4) / math.log(32))) == rope.attention_scaling
+        assert longrope_factor_set(hf, max_len) == want
+    torch.testing.assert_close(rope_inv_freq(hf, cfg, 32)[0], rope.original_inv_freq, rtol=0, atol=0)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("partial_rotary_factor", "longrope_factors")}
+    assert ModelConfig.from_dict(old).rotary_dim == cfg.head_dim and ModelConfig.from_dict(old).longrope_factors is None
+    with pytest.raises(CheckpointError) as err:
+        model_config_from_hf(PhiConfig(vocab_size=256, hidden_size=64, num_attention_heads=4,
+                                       architectures=["PhiForCausalLM"]))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("architecture PhiForCausalLM is not supported; supported: ")
+    assert "Phi3ForCausalLM" in message
+    with pytest.raises(CheckpointError, match="hidden_act=gelu_new is not supported"):
+        model_config_from_hf(Phi3Config(**base, hidden_act="gelu_new"))
+
+
+def test_phi3_gguf_reads_as_its_hf_folder(tmp_path, smollm2_tokenizer_dir, monkeypatch):
+    """A Phi-3 GGUF (llama.cpp's `phi3`: fused attn_qkv and ffn_up) gives the folder's config and the very same
+    weights: the rope dimension count (partial rotary), sliding window and LongRoPE factors transformers' GGUF
+    mapping drops are read from the file as llama.cpp's converter writes them. A 256-token vocabulary and no
+    tokenizer in the file (the tokenizer from GGUF is test_qwen3_gguf_reads_as_its_hf_folder's): seconds, not tens."""
+    import transformers
+
+    from compile.checkpoint import load_checkpoint
+    from tiny_models import write_tiny_gguf
+    folder = make_tiny_checkpoint(tmp_path / "hf", smollm2_tokenizer_dir, "phi3", sliding_window=40, vocab_size=256,
+                                  **phi3_longrope(32, 0.375, 3))  # 6 of 16 dims rotate
+    gguf_file = write_tiny_gguf(folder, tmp_path / "tiny-phi3.gguf", arch="phi3", tokenizer=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    hf, ours = load_checkpoint(str(folder), torch.float32, 128), load_checkpoint(str(gguf_file), torch.float32, 128)
+    assert ours.config.to_dict() == {**hf.config.to_dict(), "rms_norm_eps": ours.config.rms_norm_eps}
+    assert (ours.config.rotary_dim, ours.config.sliding_window, ours.config.longrope_factors) == (6, 40, "long")
+    assert ours.weights.keys() == hf.weights.keys()
+    assert all(torch.equal(ours.weights[n], t) for n, t in hf.weights.items())

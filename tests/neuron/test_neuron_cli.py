@@ -136,6 +136,39 @@ def test_dry_run_of_a_llama_8b_shaped_config_at_tp_1_2_8(tmp_path, capsys):
     assert totals[8, "0"][1] == 0.5 and totals[2, None][1] == 3.0
 
 
+def test_dry_run_of_a_phi3_mini_128k_shaped_config_at_tp_8(tmp_path, capsys):
+    """Phi-3-mini-128k-instruct's shape (config.json only; LongRoPE factors of the right length, values made up),
+    by hand: the fused qkv_proj / gate_up_proj are counted as the q/k/v and gate/up they are split into, each
+    split over tp like Llama's; rope.inv_freq is head_dim / 2 = 48 float32 (one factor set: the one chosen)."""
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48,
+                                                "long_factor": [2.0] * 48},
+        "sliding_window": 262144, "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 32000, "pad_token_id": 32000}))
+    assert main(["--checkpoint", str(tmp_path), "--target", "neuron", "--neuron-target", "inf2", "--tp-degree", "8",
+                 "--max-num-seqs", "8", "--max-model-len", "4096", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert ("(Phi3ForCausalLM, 32 layers, 32 heads, 32 KV heads, head_dim 96, hidden 3072, intermediate 8192, "
+            "vocab 32064)") in text
+    # per layer, split over 8: q, k, v, o 3072x3072 (32 KV heads), gate/up/down 8192x3072
+    split = (4 * 3072 * 3072 + 3 * 8192 * 3072) // 8                     # 14,155,776
+    whole = 2 * 3072                                                       # two layer norms
+    params = 32064 * 3072 + 32064 * 3072 // 8 + 3072 + 32 * (split + whole)  # embedding, lm_head / 8, final norm
+    by_hand = 2 * params + 4 * 48  # bf16, and rope.inv_freq (head_dim / 2) in float32: 1,127,995,584 B
+    model = read_model_config(str(tmp_path))
+    cfg = CompileConfig(checkpoint=str(tmp_path), target="neuron", neuron_target="inf2", tp_degree=8, max_num_seqs=8,
+                        max_model_len=4096, batch_buckets=(8,), kv_buckets=(4096,))  # buckets: no bearing on weights
+    assert hbm_per_core(cfg, model).weights_bytes == by_hand == 1_127_995_584
+    assert f"weights, once per rank, shared by every graph: {by_hand / 2 ** 30:.3f} GiB" in text  # 1.051 GiB
+    # KV per rank: 8 sequence slots + 4 prefix-cache rows, 4 of 32 KV heads: 2 x 32x12x4x4096x96 x 2 B = 2.25 GiB
+    assert "2 x 32x12x4x4096x96 x 2 B = 2.250 GiB (8 sequence slots + 4 prefix-cache rows; each row 192.0 MiB)" in text
+    assert "of 16 GiB: fits" in text.split("total: ")[1].split("\n")[0]
+
+
 def test_dry_run_of_a_qwen3_8b_shaped_config_at_tp_8(tmp_path, capsys):
     """Qwen3-8B's shape (config.json only), by hand: at tp 8 each rank holds the projections and the (untied)
     lm_head / 8, and the embedding, the norms (q_norm/k_norm too: [head_dim] each) and rope whole."""

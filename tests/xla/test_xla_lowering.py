@@ -18,6 +18,9 @@ All of it for a Llama config and for a Gemma one (every Gemma feature at once: (
 sublayers, q/k norms, head_dim 32, GeGLU, scaled embeddings, attention and final soft-capping, a window of 12
 on layer 0 only, and that sliding layer's own rope base).
 
+Run for Llama and for Phi-3 as Kiln loads it (rope on half of each head and the rest passed through,
+LongRoPE's factors in rope.inv_freq and its attention factor on cos/sin).
+
 Needs torch-xla and its pinned torch (2.9): run scripts/xla_check.sh, which builds a separate venv
 (.ci/run does). Skipped wherever torch_xla is not importable (the main environment).
 """
@@ -34,6 +37,7 @@ import torch  # noqa: E402
 import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 
+import dataclasses  # noqa: E402
 import re  # noqa: E402
 from dataclasses import replace  # noqa: E402
 import sys  # noqa: E402
@@ -66,7 +70,13 @@ MOE = replace(LLAMA, architecture="Qwen3MoeForCausalLM", qk_norm=True, num_kv_he
 # int8 weights (compile/quantize.py): NxD's quantized parallel layers (the double's), the int8 weight cast to the
 # dtype for the matmul, then the float32 scales. One KV head of 16: a cache shape of its own, as above.
 INT8 = replace(LLAMA, quantization="int8", num_kv_heads=1)
-CONFIGS = {"llama": LLAMA, "gemma": GEMMA, "qwen3moe": MOE, "llama-int8": INT8}
+# Phi-3 as compile/checkpoint.py leaves it: q/k/v and gate/up split out of the fused checkpoint tensors (so the
+# graphs' weights are Llama's), rope on the first half of each head only, LongRoPE's long factors and its
+# attention factor (sqrt(1 + ln 4 / ln 32)) folded into rope.inv_freq and cos/sin. As many KV heads as heads
+# (Phi-3-mini's): a cache shape of its own, as above.
+PHI3 = replace(LLAMA, architecture="Phi3ForCausalLM", num_kv_heads=4, partial_rotary_factor=0.5,
+               rope_type="longrope", rope_attention_scaling=1.1832159566199232, longrope_factors="long")
+CONFIGS = {"llama": LLAMA, "gemma": GEMMA, "qwen3moe": MOE, "llama-int8": INT8, "phi3-partial-longrope": PHI3}
 SLOTS, MAX_LEN, CONTEXT = 4, 64, (16, 32)
 # prefix-cache store rows: cache rows SLOTS.. past the sequence slots (CompileConfig.num_cache_rows)
 STORE = 2
@@ -83,29 +93,31 @@ def chunk_shape(n: int, start: int) -> tuple[int, int]:
     return next(c for c in CHUNKS if c >= n), next(p for p in PASTS if p >= start)
 
 
-def random_weights(CFG: ModelConfig) -> dict[str, torch.Tensor]:
+def random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     weights = {}
-    for name, shape in weight_shapes(CFG).items():
+    for name, shape in weight_shapes(cfg).items():
         if name.startswith("rope.") or name == "lm_head.weight" or name.endswith(SCALE_SUFFIX):
             continue
         weights[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.08
-    if "lm_head.weight" in weight_names(CFG):
-        weights["lm_head.weight"] = torch.randn(CFG.vocab_size, CFG.hidden_size, generator=g) * 0.08
-    d = CFG.head_dim
-    for name, theta in (("rope.inv_freq", CFG.rope_theta), ("rope.local_inv_freq", CFG.rope_local_base_freq)):
-        if name in weight_names(CFG):
-            weights[name] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    return quantize_weights(CFG, weights) if CFG.quantization else weights
+    if "lm_head.weight" in weight_names(cfg):
+        weights["lm_head.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.08
+    d = cfg.rotary_dim
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    factors = 2 + 6 * torch.rand(d // 2, generator=g) if cfg.rope_type == "longrope" else torch.ones(d // 2)
+    for name, theta in (("rope.inv_freq", cfg.rope_theta), ("rope.local_inv_freq", cfg.rope_local_base_freq)):
+        if name in weight_names(cfg):
+            weights[name] = 1.0 / ((factors if name == "rope.inv_freq" else 1.0) * theta ** exponents)
+    return quantize_weights(cfg, weights) if cfg.quantization else weights
 
 
 class CpuReference:
     """The cpu target's math: compile.model eagerly, new K/V written into host caches outside."""
 
-    def __init__(self, CFG, weights):
-        self.w = Weights(CFG, [weights[n] for n in weight_names(CFG)])
-        self.k = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
-        self.v = torch.zeros(CFG.num_layers, ROWS, CFG.num_kv_heads, MAX_LEN, CFG.head_dim)
+    def __init__(self, cfg, weights):
+        self.w = Weights(cfg, [weights[n] for n in weight_names(cfg)])
+        self.k = torch.zeros(cfg.num_layers, ROWS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
+        self.v = torch.zeros(cfg.num_layers, ROWS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
 
     def prefill(self, slot, ids, start):
         n, s = len(ids), (chunk_shape(len(ids), start)[0] if start else next(c for c in CONTEXT if c >= len(ids)))
@@ -148,10 +160,10 @@ def install_parallel_layers() -> None:
 class XlaGraphs:
     """The one module on the XLA device: every tag reads and reassigns the same cache buffers."""
 
-    def __init__(self, CFG, weights):
+    def __init__(self, cfg, weights):
         install_parallel_layers()
         self.device = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
-        module = NeuronBucketGraph(CFG, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
+        module = NeuronBucketGraph(cfg, SPECS[0], ROWS, MAX_LEN, torch.float32, 1)
         checkpoint = dict(weights, **{"lm_head.weight": weights["model.embed_tokens.weight"]})
         for name, value in checkpoint.items():
             neuron_double.set_tensor(module, name, value.clone())
@@ -291,31 +303,31 @@ def bad_negative_infinities(hlo: str) -> list[str]:
     return bad
 
 
-def own_kv_elements(CFG: ModelConfig, spec: GraphSpec) -> int:
+def own_kv_elements(cfg: ModelConfig, spec: GraphSpec) -> int:
     rows = {"decode": spec.batch, "copy_slot": MAX_LEN}.get(spec.kind, spec.seq_len)
-    return CFG.num_layers * CFG.num_kv_heads * rows * CFG.head_dim
+    return cfg.num_layers * cfg.num_kv_heads * rows * cfg.head_dim
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target(name):
-    CFG = CONFIGS[name]
-    weights = random_weights(CFG)
-    xla = XlaGraphs(CFG, weights)
+    cfg = CONFIGS[name]
+    weights = random_weights(cfg)
+    xla = XlaGraphs(cfg, weights)
     before = compiles()
-    first = workload(xla, 1, CFG.vocab_size)
+    first = workload(xla, 1, cfg.vocab_size)
     after_first = compiles()
-    reference = CpuReference(CFG, weights)
-    assert first == workload(reference, 1, CFG.vocab_size)
+    reference = CpuReference(cfg, weights)
+    assert first == workload(reference, 1, cfg.vocab_size)
     state = xla.module.cache_k.cpu()
     # the store rows: row 0 holds exactly what copy_slot put there, row 1 was never written by any graph
     torch.testing.assert_close(state[:, SLOTS, :, :41], reference.k[:, SLOTS, :, :41], rtol=1e-4, atol=1e-4)
     assert not state[:, SLOTS, :, 41:].any() and not state[:, SLOTS + 1].any()
     assert sorted(xla.hlo) == sorted(s.name for s in SPECS)  # the workload ran every graph
     assert after_first - before == len(SPECS), met.short_metrics_report()
-    second = workload(xla, 2, CFG.vocab_size)  # same graphs, other tokens: nothing new to compile
+    second = workload(xla, 2, cfg.vocab_size)  # same graphs, other tokens: nothing new to compile
     assert compiles() == after_first, met.short_metrics_report()
-    assert second == workload(CpuReference(CFG, weights), 2, CFG.vocab_size)
-    full_cache = CFG.num_layers * ROWS * CFG.num_kv_heads * MAX_LEN * CFG.head_dim
+    assert second == workload(CpuReference(cfg, weights), 2, cfg.vocab_size)
+    full_cache = cfg.num_layers * ROWS * cfg.num_kv_heads * MAX_LEN * cfg.head_dim
     for spec in SPECS:
         hlo = xla.hlo[spec.name]
         assert "f64" not in hlo, (spec.name, [line for line in hlo.splitlines() if "f64" in line][:3])
@@ -323,4 +335,4 @@ def test_each_bucket_compiles_once_lowers_cleanly_and_matches_the_cpu_target(nam
         ops = index_operands(hlo)
         assert any(op == "scatter" for op, _ in ops), spec.name  # the state update is in the graph
         for op, size in ops:
-            assert size <= own_kv_elements(CFG, spec) < full_cache, (spec.name, op, size, own_kv_elements(CFG, spec))
+            assert size <= own_kv_elements(cfg, spec) < full_cache, (spec.name, op, size, own_kv_elements(cfg, spec))
