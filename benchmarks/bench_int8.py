@@ -35,11 +35,11 @@ FIXED_TEXT = (
 
 
 def all_position_logits(w, ids: torch.Tensor) -> torch.Tensor:
-    """[S, vocab] float32: each position's next-token logits, from one causal pass of compile.model."""
-    from compile.model import prefill_layers, rope_cos_sin
+    """[S, vocab] float32: each position's next-token logits, from one causal pass of compile.model (a packed
+    prefill of the one prompt that returns every position's logits)."""
+    from compile.model import packed_prefill
     positions = torch.arange(ids.shape[0])
-    cos, sin = rope_cos_sin(w, positions, w["model.embed_tokens.weight"].dtype)
-    logits, _, _ = prefill_layers(w, ids, cos[:, None, :], sin[:, None, :], None, positions)
+    logits, _, _ = packed_prefill(w, ids, positions, torch.zeros_like(positions), positions)
     return logits
 
 

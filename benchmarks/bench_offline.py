@@ -46,6 +46,9 @@ class StepRecorder:
     def observe_token_gap(self, seconds: float) -> None:
         pass
 
+    def observe_grammar_compile(self, kind: str, seconds: float) -> None:
+        pass
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

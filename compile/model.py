@@ -56,6 +56,11 @@ MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
 # the copies cost more than they save (SmolLM2 at batch 16: 4x slower at span 2048, equal at 1024;
 # at batch 32: 78 against 95 ms at span 384 (4.5 MiB), 120 against 112 ms at span 512 (6 MiB)).
 APPEND_MAX_SPAN_BYTES = 5 << 20
+# cpu-onednn int8 projections: torch's int8 kernel (_weight_int8pack_mm) reads half the bytes but has no bf16
+# dot products behind it. Measured on the 2-core dev machine (SmolLM2's 120 projections, cold weights, ms per
+# pass; bf16 packed / int8 kernel / int8 cast to bf16 then matmul): 1 row 19.2 / 12.1 / 26.3, 4 rows 16.1 / 16.4 /
+# 27.7, 16 rows 19.2 / 38.4 / 34.5, 32 rows 31.6 / 66.2 / 46.2, 512 rows 335 / 911 / 364 (docs/quantization.md).
+INT8_KERNEL_MAX_ROWS = 8
 PACKED_ATTENTION_BLOCK = 128  # query block of a packed prefill's attention (block_causal_attention)
 
 
@@ -314,8 +319,13 @@ class OneDNNWeights(Weights):
         scale = self._by_name.get(name + SCALE_SUFFIX)
         if scale is None:
             return onednn_linear(x, weight, bias)
-        # int8: torch's weight-only int8 kernel (int8 [out, in], scales [out] of x's dtype; cpu_kernels.py)
-        y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+        # int8 (scales [out] of x's dtype; cpu_kernels.py). The row count is the bucket's, fixed when the graph is
+        # traced: few rows run torch's weight-only int8 kernel, more rows the weight cast to the dtype for one
+        # oneDNN matmul, then the scales (INT8_KERNEL_MAX_ROWS says why).
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+        else:
+            y = F.linear(x, weight.to(x.dtype)) * scale
         return y if bias is None else y + bias
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
