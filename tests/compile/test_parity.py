@@ -505,7 +505,7 @@ def test_phi3_config_longrope_factor_choice_and_refusals():
     message = str(err.value)
     assert "\n" not in message and message.startswith("architecture PhiForCausalLM is not supported; supported: ")
     assert "Phi3ForCausalLM" in message
-    with pytest.raises(CheckpointError, match="hidden_act=gelu_new is not supported"):
+    with pytest.raises(CheckpointError, match="Phi3ForCausalLM with hidden activation gelu_new is not supported"):
         model_config_from_hf(Phi3Config(**base, hidden_act="gelu_new"))
 
 
