@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 
@@ -75,20 +74,12 @@ def weight_bytes(path) -> int:
 
 def engine_round(runner, tokenizer, n: int, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     """(output tok/s, median decode-step graph ms) of one LLMEngine.generate of n prompts."""
-    from server.engine.config import EngineConfig
-    from server.engine.llm_engine import LLMEngine
     from server.engine.types import SamplingParams
 
-    from benchmarks.bench_offline import StepRecorder
-    recorder = StepRecorder()
-    engine = LLMEngine(runner, tokenizer, EngineConfig(max_num_seqs=n), observer=recorder)
-    engine.generate([[1] * 8], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
-    recorder.__init__()
-    start = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
-    tok_s = sum(o.outputs[0].num_generated_tokens for o in outs) / (time.perf_counter() - start)
-    steps = recorder.decode_seconds[max(recorder.decode_seconds)]
-    return tok_s, statistics.median(steps) * 1e3
+    from benchmarks.bench_offline import run_engine
+    tok_s, recorder = run_engine(runner, tokenizer, n, prompts,
+                                 SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
+    return tok_s, recorder.median_decode_ms()
 
 
 def main() -> None:

@@ -49,6 +49,22 @@ class StepRecorder:
     def observe_grammar_compile(self, kind: str, seconds: float) -> None:
         pass
 
+    def median_decode_ms(self) -> float:
+        """The median decode graph call of the largest batch seen (the one a full engine runs at)."""
+        return statistics.median(self.decode_seconds[max(self.decode_seconds)]) * 1e3
+
+
+def run_engine(runner, tokenizer, n: int, prompts: list[list[int]], params: SamplingParams) -> tuple[float, StepRecorder]:
+    """(output tok/s, what the steps recorded) of one LLMEngine.generate of the prompts with max_num_seqs n,
+    after a short warm-up generate on the same engine (not recorded)."""
+    recorder = StepRecorder()
+    engine = LLMEngine(runner, tokenizer, EngineConfig(max_num_seqs=n), observer=recorder)
+    engine.generate([[1] * 8], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
+    recorder.__init__()
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return sum(o.outputs[0].num_generated_tokens for o in outs) / (time.perf_counter() - start), recorder
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,15 +95,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n in [int(x) for x in args.batches.split(",")]:
         prompts = torch.randint(0, runner.vocab_size, (n, args.prompt_len), generator=gen).tolist()
-        recorder = StepRecorder()
-        engine = LLMEngine(runner, tokenizer, EngineConfig(max_num_seqs=n), observer=recorder)
-        engine.generate([[1] * 8], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
-        recorder.__init__()
-        start = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        ours = sum(o.outputs[0].num_generated_tokens for o in outs) / (time.perf_counter() - start)
+        ours, recorder = run_engine(runner, tokenizer, n, prompts, params)
         waste = recorder.padded / max(1, recorder.real + recorder.padded)
-        step_ms = statistics.median(recorder.decode_seconds[max(recorder.decode_seconds)]) * 1e3
+        step_ms = recorder.median_decode_ms()
         ref = float("nan")
         if model is not None:
             ids = torch.tensor(prompts)

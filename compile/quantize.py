@@ -33,6 +33,11 @@ def is_quantized_projection(name: str) -> bool:
     return len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] in QUANTIZED_PROJECTIONS
 
 
+def is_quantized_weight(name: str) -> bool:
+    """True for a quantised projection's weight tensor, e.g. "model.layers.3.mlp.up_proj.weight"."""
+    return name.endswith(".weight") and is_quantized_projection(name.removesuffix(".weight"))
+
+
 def quantize_tensor(weight: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     """[out, in] float -> (int8 [out, in], float32 scale [out, 1]) with weight ~= int8 * scale.
 
@@ -51,7 +56,7 @@ def quantize_weights(model, weights: Mapping[str, "torch.Tensor"]) -> dict[str, 
     quantised projection's weight replaced by its int8 tensor and its scale added."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
-        if name.endswith(".weight") and is_quantized_projection(name.removesuffix(".weight")):
+        if is_quantized_weight(name):
             q, scale = quantize_tensor(tensor)
             out[name] = q
             out[name.removesuffix(".weight") + SCALE_SUFFIX] = scale

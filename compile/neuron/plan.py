@@ -14,7 +14,7 @@ from compile.config import CompileConfig
 from compile.model import ModelConfig
 from compile.neuron import flags
 from compile.neuron.graphs import COLUMN_PARALLEL, EXPERT_PARALLEL, ROW_PARALLEL, cache_shapes, weight_shapes
-from compile.quantize import SCALE_SUFFIX, is_quantized_projection, quantized_config
+from compile.quantize import SCALE_SUFFIX, is_quantized_weight, quantized_config
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 2 ** 30
@@ -92,7 +92,7 @@ def element_bytes(name: str, model: ModelConfig, dtype: str) -> int:
     weights one byte, everything else the artifact's dtype."""
     if name.startswith("rope.") or name.endswith(SCALE_SUFFIX):
         return 4
-    if model.quantization and name.endswith(".weight") and is_quantized_projection(name.removesuffix(".weight")):
+    if model.quantization and is_quantized_weight(name):
         return 1
     return BYTES[dtype]
 

@@ -94,10 +94,7 @@ def sample_random_requests(
     requests = []
     for _ in range(num_prompts):
         n_in, n_out = rng.randint(in_lo, in_hi), rng.randint(out_lo, out_hi)
-        prompt = make_prompt(rng, n_in)
-        if tokenizer is not None:
-            prompt = fit_to_tokens(tokenizer, prompt, n_in, rng)
-        requests.append(BenchRequest(prompt, n_in, n_out))
+        requests.append(BenchRequest(_text(rng, n_in, tokenizer), n_in, n_out))
     return requests
 
 
