@@ -9,7 +9,8 @@ is [op, name, target, args, kwargs] of one node of the unlifted fx graph, in gra
   op       "placeholder" | "call_function" | "output"
   name     the node's name (a Python identifier; fx's own codegen prints it)
   target   placeholder: its argument name; call_function: a torch op as "namespace.op.overload"
-           (e.g. "aten.mm.default"), resolved only through torch.ops (or "_operator.getitem");
+           (e.g. "aten.mm.default"), resolved only through torch.ops (or "_operator.getitem"); Kiln's
+           own ops ("kiln.rms_norm.default", compile/kernels) are loaded before the graph is built;
            output: "output"
   args     a JSON list, kwargs a JSON object, of values: null, booleans, ints, floats (NaN and
            Infinity as Python's json writes them), strings, lists, and one-key objects
@@ -276,6 +277,19 @@ def _build_graph(doc) -> torch.fx.Graph:
     return graph
 
 
+def _load_kernels_for(doc, path: Path) -> None:
+    """Load Kiln's own ops (compile/kernels) before a graph that calls them is built, or say in one line
+    why this host cannot run it."""
+    records = doc.get("nodes") if type(doc) is dict else None
+    if type(records) is not list or not any(type(r) is list and len(r) == 5 and type(r[2]) is str
+                                            and r[2].startswith("kiln.") for r in records):
+        return
+    from compile.kernels import problem
+    if why := problem():
+        raise ArtifactError(f"{path}: the graph calls Kiln's cpu kernels, but {why}; install a C++ compiler "
+                            f"or recompile with --cpu-kernels portable")
+
+
 def load_graph(path: Path):
     """A callable with the bucket function's signature: (weights, *inputs) -> outputs.
 
@@ -287,6 +301,7 @@ def load_graph(path: Path):
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{path}: unreadable graph file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                             ) from None
+    _load_kernels_for(doc, path)
     try:
         graph = _build_graph(doc)
     except (_Malformed, RecursionError) as e:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from compile.buckets import plan_graphs
 from compile.checkpoint import load_checkpoint, source_sha256
 from compile.config import CompileConfig
 from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
-from compile.model import PORTABLE
+from compile.model import CPU_ONEDNN, PORTABLE, kernels_problem
 from compile.quantize import quantize_checkpoint
 
 WEIGHTS_FILE = "weights/model.safetensors"
@@ -104,6 +105,9 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         if cfg.target == "cpu":
             from compile.cpu_kernels import graph_weights, resolve_variant
             variant = resolve_variant(cfg.cpu_kernels, dtype)
+            if variant == CPU_ONEDNN and (why := kernels_problem()):
+                # the graphs still work (op-by-op decode attention), only slower: say so, do not fail
+                print(f"note: {why}; the graphs use op-by-op attention and norms", file=sys.stderr)
             tensors = graph_weights(ckpt.config, ckpt.weights, variant)
         else:
             tensors = []  # neuron graphs carry no weights and are traced from the module tree

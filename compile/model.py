@@ -26,9 +26,11 @@ Graph variants: PORTABLE graphs take the HF-named weights and use only plain ate
 target, and any CPU). CPU_ONEDNN graphs, the cpu target's default where oneDNN is available, take
 q/k/v and gate/up fused into one matrix each and every projection prepacked for oneDNN
 (compile/cpu_kernels.py builds that list at load time from the same stored weights): a decode
-step is bound by reading the weights, and packed, fused matmuls read them 1.3-1.5x faster. Its
-decode attention appends the new token's K/V to short spans (appended_attention) where PORTABLE
-graphs never copy the span (split_attention).
+step is bound by reading the weights, and packed, fused matmuls read them 1.3-1.5x faster. They
+also call Kiln's own C++ kernels where the host can build them (compile/kernels: decode attention read
+from the cache in place up to each row's length, RMSNorm in one pass, int8 weights times a few rows);
+without them, decode attention appends the new token's K/V to short spans (appended_attention) where
+PORTABLE graphs never copy the span (split_attention).
 """
 from __future__ import annotations
 
@@ -56,12 +58,19 @@ MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
 # the copies cost more than they save (SmolLM2 at batch 16: 4x slower at span 2048, equal at 1024;
 # at batch 32: 78 against 95 ms at span 384 (4.5 MiB), 120 against 112 ms at span 512 (6 MiB)).
 APPEND_MAX_SPAN_BYTES = 5 << 20
-# cpu-onednn int8 projections: torch's int8 kernel (_weight_int8pack_mm) reads half the bytes but has no bf16
-# dot products behind it. Measured on the 2-core dev machine (SmolLM2's 120 projections, cold weights, ms per
-# pass; bf16 packed / int8 kernel / int8 cast to bf16 then matmul): 1 row 19.2 / 12.1 / 26.3, 4 rows 16.1 / 16.4 /
-# 27.7, 16 rows 19.2 / 38.4 / 34.5, 32 rows 31.6 / 66.2 / 46.2, 512 rows 335 / 911 / 364 (docs/quantization.md).
+# cpu-onednn int8 projections: an int8 kernel (Kiln's kiln::int8_linear, else torch's _weight_int8pack_mm) reads
+# half the bytes but has no bf16 dot products behind it. Measured on the 2-core dev machine (SmolLM2's 120
+# projections, cold weights, ms per pass; bf16 packed / torch's int8 kernel / int8 cast to bf16 then matmul): 1 row
+# 19.2 / 12.1 / 26.3, 4 rows 16.1 / 16.4 / 27.7, 16 rows 19.2 / 38.4 / 34.5, 32 rows 31.6 / 66.2 / 46.2, 512 rows
+# 335 / 911 / 364 (docs/quantization.md). Kiln's kernel, side by side with bf16 and torch's: 1 row 4.2 against
+# 10.3 and 7.4, 4 rows 8.1 / 9.4 / 10.4, 8 rows 18.2 / 11.5 / 21.4 (2026-12-01).
 INT8_KERNEL_MAX_ROWS = 8
 PACKED_ATTENTION_BLOCK = 128  # query block of a packed prefill's attention (block_causal_attention)
+# Packed prefill graphs up to this many tokens use Kiln's packed-attention kernel (float32 FMAs, each token over its
+# own prompt only) instead of SDPA's blocks (bf16 dot products over whole blocks, prompts crossing). SmolLM2 on the
+# dev machine, whole call: 3 x 150 tokens 344 against 420 ms; one 500-token prompt 466 against 425 ms. Larger graphs
+# only run when --max-num-batched-tokens is raised, for long prompts, where the blocks win.
+PACKED_KERNEL_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,7 @@ class Weights:
     # NOTE: True for device graphs (neuron): every mask is an explicit finite additive bias, never
     # SDPA's is_causal or a boolean mask, which lower to -inf and risk NaNs in bf16 on trn1 (docs/neuron.md).
     finite_masks = False
+    kernels = False  # calls Kiln's own cpu kernels (compile/kernels): CPU_ONEDNN graphs, where they build
 
     def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
         self.cfg = cfg
@@ -314,15 +324,22 @@ class OneDNNWeights(Weights):
 
     variant = CPU_ONEDNN
 
+    def __init__(self, cfg: ModelConfig, tensors: list[torch.Tensor]):
+        super().__init__(cfg, tensors)
+        # NOTE: decided when a graph is traced; a host that cannot build them gets the op-by-op versions
+        self.kernels = kernels_problem() is None
+
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         weight, bias = self._by_name[name + ".weight"], self._by_name.get(name + ".bias")
         scale = self._by_name.get(name + SCALE_SUFFIX)
         if scale is None:
             return onednn_linear(x, weight, bias)
         # int8 (scales [out] of x's dtype; cpu_kernels.py). The row count is the bucket's, fixed when the graph is
-        # traced: few rows run torch's weight-only int8 kernel, more rows the weight cast to the dtype for one
-        # oneDNN matmul, then the scales (INT8_KERNEL_MAX_ROWS says why).
-        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        # traced: few rows run an int8 kernel (Kiln's, else torch's weight-only one), more rows the weight cast to
+        # the dtype for one oneDNN matmul, then the scales (INT8_KERNEL_MAX_ROWS says why).
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS and self.kernels:  # compile/kernels/int8_linear.cpp
+            y = torch.ops.kiln.int8_linear(x, weight, scale)
+        elif x.shape[0] <= INT8_KERNEL_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
         else:
             y = F.linear(x, weight.to(x.dtype)) * scale
@@ -331,6 +348,8 @@ class OneDNNWeights(Weights):
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # NOTE: one kernel instead of eight ops; it rounds to the dtype once where HF rounds twice
         # (the same in float32, at most one bf16 ulp apart in bfloat16).
+        if self.kernels:  # compile/kernels/rms_norm.cpp: one pass (torch's CPU rms_norm is eight ops)
+            return torch.ops.kiln.rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps, self.cfg.norm_add_one)
         if self.cfg.norm_add_one:  # float32 throughout, one rounding at the end, as transformers' GemmaRMSNorm
             normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.cfg.rms_norm_eps)
             return (normed * (1.0 + self._by_name[name].to(torch.float32))).to(x.dtype)
@@ -610,29 +629,35 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
 def prefill_layers(w: Weights, input_ids: torch.Tensor, ropes: dict[str, tuple], masks: dict,
                    last_indices: torch.Tensor,
                    past_k: Optional[torch.Tensor] = None, past_v: Optional[torch.Tensor] = None,
-                   causal_block: int = 0):
+                   causal_block: int = 0, packing: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """The decoder over S prompt tokens (prefill and packed_prefill): logits [R, V] float32 at
     last_indices [R], new_k/new_v [L, KV, S, D]. With past_k/past_v the keys are the past then the new.
     ropes: cos, sin per inv_freq name (layer_ropes); masks: per layer window (ModelConfig.layer_window).
-    causal_block > 0: the mask never lets a token see a later one (block_causal_attention)."""
+    causal_block > 0: the mask never lets a token see a later one (block_causal_attention).
+    packing: a packed prefill's (positions, segments), for Kiln's packed-attention kernel (w.kernels), which
+    needs no mask."""
     cfg = w.cfg
     scale = cfg.attention_scale
     h = embed(w, input_ids)                                          # [S, hidden]
+    packed_kernel = packing is not None and w.kernels
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
         cos, sin = ropes[cfg.layer_rope(i)]
-        mask = masks[cfg.layer_window(i)]
+        mask = masks.get(cfg.layer_window(i))
         x = w.norm(h, f"model.layers.{i}.input_layernorm.weight")
         q, k, v = qkv(w, i, x, cos, sin)
+        if packed_kernel:  # each token over its own prompt only (compile/kernels/decode_attention.cpp)
+            attn = torch.ops.kiln.packed_attention(q, k, v, *packing, scale, cfg.layer_window(i) or 0,
+                                                   cfg.attn_logit_softcapping or 0.0)
         k, v = k.transpose(0, 1), v.transpose(0, 1)                 # [KV, S, D]
         new_k.append(k)
         new_v.append(v)
         if past_k is not None:
             k = torch.cat((past_k[i], k), dim=1)                    # [KV, P+S, D]
             v = torch.cat((past_v[i], v), dim=1)
-        if causal_block and not explicit_masks(w):
+        if not packed_kernel and causal_block and not explicit_masks(w):
             attn = block_causal_attention(cfg, q.transpose(0, 1), k, v, mask, scale, causal_block)
-        else:
+        elif not packed_kernel:
             attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not explicit_masks(w))
         h = layer_residuals(w, i, h, attn)
     logits = final_logits(w, h.index_select(0, last_indices))
@@ -655,6 +680,8 @@ def packed_prefill(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     """
     cfg = w.cfg
     ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [T, 1, D]
+    if w.kernels and input_ids.shape[0] <= PACKED_KERNEL_MAX_TOKENS:  # the kernel needs no mask
+        return prefill_layers(w, input_ids, ropes, {}, last_indices, packing=(positions, segments))
     same = segments[None, :] == segments[:, None]
     masks = {}
     for window in cfg.layer_windows:
@@ -696,6 +723,12 @@ def appended_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_spa
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), values)
 
 
+def kernels_problem() -> Optional[str]:
+    """Why CPU_ONEDNN graphs cannot call Kiln's own cpu kernels here (None: they do; compile/kernels)."""
+    from compile.kernels import problem
+    return problem()
+
+
 def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
            k_span: torch.Tensor, v_span: torch.Tensor):
     """One new token for each of B sequences.
@@ -709,9 +742,10 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     scale = cfg.attention_scale
     ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [B, 1, D]
     key_pos = torch.arange(span, dtype=torch.int64, device=input_ids.device)
+    kernel = w.kernels
     append = w.variant == CPU_ONEDNN and k_span[0].numel() * k_span.element_size() <= APPEND_MAX_SPAN_BYTES
     masks = {}  # one per distinct layer window
-    for window in cfg.layer_windows:
+    for window in cfg.layer_windows if not kernel else ():
         cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None], window)
         cached = cached[:, None, None, :]                           # [B, 1, 1, K]
         if append:  # additive mask over the span and the new token appended after it
@@ -727,8 +761,13 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
         new_k.append(k)
         new_v.append(v)
         qg = q.reshape(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        attend = appended_attention if append else split_attention
-        attn = attend(qg, k, v, k_span[i], v_span[i], masks[cfg.layer_window(i)], scale, cfg.attn_logit_softcapping)
+        if kernel:  # reads each row's cached positions in place (compile/kernels/decode_attention.cpp)
+            attn = torch.ops.kiln.decode_attention(qg, k, v, k_span[i], v_span[i], positions, scale,
+                                                   cfg.layer_window(i) or 0, cfg.attn_logit_softcapping or 0.0)
+        else:
+            attend = appended_attention if append else split_attention
+            attn = attend(qg, k, v, k_span[i], v_span[i], masks[cfg.layer_window(i)], scale,
+                          cfg.attn_logit_softcapping)
         h = layer_residuals(w, i, h, attn.reshape(b, cfg.num_heads * cfg.head_dim))
     return final_logits(w, h), torch.stack(new_k), torch.stack(new_v)
 

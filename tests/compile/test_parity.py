@@ -23,11 +23,13 @@ NEW_TOKENS = 24  # decode crosses the 32 and 64 KV bucket edges for most prompts
 LLAMA3_ROPE = dict(tie_word_embeddings=False, rope_parameters={
     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-# (architecture, config overrides, --cpu-kernels): auto is cpu-onednn wherever oneDNN packs float32.
-# "-split" compiles cpu-onednn decode graphs with the attention that long spans use.
+# (architecture, config overrides, --cpu-kernels): auto is cpu-onednn wherever oneDNN packs float32, and its
+# graphs call Kiln's cpu kernels (compile/kernels). "-no-kernels" compiles cpu-onednn graphs as a host without a
+# C++ compiler does (torch ops only), and "-split" also with the attention that long spans use there.
 VARIANTS = {
     "llama": ("llama", {}, "auto"),
-    "llama-split": ("llama", {}, "auto"),
+    "llama-no-kernels": ("llama", {}, "auto"),
+    "llama-no-kernels-split": ("llama", {}, "auto"),
     "llama-portable": ("llama", {}, "portable"),
     "llama3-rope-untied": ("llama", LLAMA3_ROPE, "auto"),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24), "auto"),
@@ -72,6 +74,8 @@ def compiled_variant(name, arch, overrides, kernels, tmp_path_factory, tokenizer
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp(name), tokenizer_dir, arch, **overrides)
     out = tmp_path_factory.mktemp("art") / name
     with pytest.MonkeyPatch.context() as patch:
+        if "-no-kernels" in name:
+            patch.setattr(compile.model, "kernels_problem", lambda: "off in this test")
         if name.endswith("-split"):
             patch.setattr(compile.model, "APPEND_MAX_SPAN_BYTES", 0)
         build_artifact(CompileConfig(checkpoint=str(ckpt), cpu_kernels=kernels, **settings), out, progress=False)

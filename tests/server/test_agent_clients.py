@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
@@ -214,13 +214,23 @@ def test_langchain_with_structured_output(chat_model, method):
 
 def test_langchain_json_mode(server):
     # NOTE: greedy, this 135M model repeats itself inside a free-form object until max_tokens; any
-    # JSON object is allowed, so only sampling ends it (a schema would: see the tests above)
+    # JSON object is allowed, so only sampling ends it (a schema would: see the tests above). Sampled, about
+    # 1 seed in 20 still runs on to max_tokens (LangChain then raises LengthFinishReasonError), and which one
+    # moves with the kernels' rounding and the prefix cache's state, so up to three seeds are tried. Every
+    # answer that ends must parse: the server's JSON constraint, not luck, decides that.
     from langchain_openai import ChatOpenAI
-    sampled = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0.7, seed=1,
-                         max_tokens=400, max_retries=0)
-    result = sampled.with_structured_output(None, method="json_mode", include_raw=True).invoke(
-        "Return a JSON object describing Alice, who is 31.")
-    assert result["parsing_error"] is None and isinstance(result["parsed"], dict)
+    from openai import LengthFinishReasonError
+    for seed in (1, 2, 3):
+        sampled = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0.7, seed=seed,
+                             max_tokens=400, max_retries=0)
+        try:
+            result = sampled.with_structured_output(None, method="json_mode", include_raw=True).invoke(
+                "Return a JSON object with the keys name and age for Alice, who is 31.")
+        except LengthFinishReasonError:
+            continue
+        assert result["parsing_error"] is None and isinstance(result["parsed"], dict)
+        return
+    pytest.fail("three sampled answers all ran on to max_tokens")
 
 
 def test_langchain_bind_tools(chat_model):
@@ -249,5 +259,9 @@ def test_random_schemas_validate_on_the_real_model(client, schema, seed, tempera
         model=MODEL, messages=[{"role": "user", "content": "Make up an example."}], max_tokens=300,
         temperature=temperature, seed=seed,
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
-    assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+    # NOTE: a schema can admit an answer with no end ({"type": "number"} takes "1.000..." forever), and this 135M
+    # model sometimes writes one (greedy, or as the kernels' rounding falls): such an example says nothing about
+    # the server and is dropped. Every answer that ends must validate; if none ever ended, hypothesis fails the
+    # test as unsatisfiable.
+    assume(out.choices[0].finish_reason == "stop")
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)

@@ -1,0 +1,428 @@
+// kiln::decode_attention: one decode step's attention for the cpu target, read from the KV cache in place.
+//
+// Why a kernel: the op-by-op decode attention (compile/model.py appended_attention) copies every row's
+// whole span bucket (torch.cat, and oneDNN's bmm wants dense batches anyway) and reads all of it, though a
+// row's real context is usually about half its bucket. This kernel reads each row's cached positions only,
+// straight from the strided cache view, and does the scores, softmax and weighted sum in float32 in one
+// pass per (row, KV head): no copy, no mask tensor, no per-op dispatch.
+//
+// Math (the same as compile/model.py split_attention): for row b at position p (p tokens already cached)
+// and query head group g of KV head h, the keys are the cached positions j < min(p, span) that the layer's
+// window allows (j > p - window when window > 0), plus the row's own new key at p:
+//   s_j = softcap(scale * q . k_j),   out = sum_j softmax(s)_j v_j   (softcap(x) = cap * tanh(x / cap); off at 0)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "widen.h"
+
+namespace {
+
+using kiln::widen;
+#if defined(__AVX512F__)
+using kiln::load16;
+#endif
+
+// One row of D elements as float32 (bf16 widened by a shift; the loop vectorises).
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = widen(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// exp for x <= 0 (softmax after the max is taken out), vectorisable: 2^n * p(r) with x = n ln2 + r,
+// |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error below 2e-7 there).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);  // exp(-87) ~ 1.6e-38: the smallest normal float
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float score(float raw, float scale, float cap) {
+  float s = raw * scale;
+  return cap > 0.f ? cap * std::tanh(s / cap) : s;
+}
+
+#if defined(__AVX512F__)
+// Lane i of the result = the sum of v[i]'s 16 lanes: a tree of adds over 128-bit lanes (4 levels, 15 adds),
+// then one permute that puts each sum at its vector's index.
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit lanes: [v_k 0+2, v_k 1+3, v_k+8 0+2, v_k+8 1+3]
+    t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[k], v[k + 8], 0x44), _mm512_shuffle_f32x4(v[k], v[k + 8], 0xEE));
+  for (int k = 0; k < 4; ++k)  // 128-bit lanes: 4 partials each of v_k, v_k+8, v_k+4, v_k+12
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[k], t[k + 4], 0x88), _mm512_shuffle_f32x4(t[k], t[k + 4], 0xDD));
+  for (int k = 0; k < 2; ++k)  // in each 128-bit lane: 2 partials of u_k's vector there, 2 of u_k+2's
+    w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[k], u[k + 2], 0x44), _mm512_shuffle_ps(u[k], u[k + 2], 0xEE));
+  // in each 128-bit lane L: the sums of the vectors u_0, u_2, u_1, u_3 hold there
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+  // lane 4L + p holds the sum of v[base[L] + order[p]]; gather each index's lane
+  static const __m512i where = [] {
+    const int base[4] = {0, 8, 4, 12}, order[4] = {0, 2, 1, 3};
+    alignas(64) int32_t lanes[16];
+    for (int L = 0; L < 4; ++L)
+      for (int p = 0; p < 4; ++p) lanes[base[L] + order[p]] = 4 * L + p;
+    return _mm512_load_si512(lanes);
+  }();
+  return _mm512_permutexvar_ps(where, x);
+}
+
+#endif
+
+// Scores and weighted sums over a row's keys lo..hi-1 of a span, then its own new key (n = hi - lo + 1 in all).
+// The vector paths take NG queries of a group per pass over the rows (AVX-512, head dims that are a multiple
+// of 16): each K or V row is widened once for all NG, and q and the accumulators stay in registers.
+// NOTE: one query per pass widened every row G times and cost 1.6x more at G = 3 (SmolLM2) on the dev machine.
+
+// s[g * n + j] = score of query g (float32 [NG, D] at q) against key j.
+template <typename T, int DIM, int NG>
+void group_scores(const float* q, const T* keys, int64_t stride, int64_t lo, int64_t hi, const T* own, float scale,
+                  float cap, float* s) {
+  const int64_t n = hi - lo + 1;
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    constexpr int C = DIM / 16;
+    __m512 qv[NG][C];
+    #pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g)
+      #pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * DIM + 16 * c);
+    // NOTE: 16 keys' partial dot products are summed together (sum16), not one horizontal sum per key: that
+    // sum's latency, not memory, bounded this loop.
+    alignas(64) float sums[16];
+    __m512 part[NG][16];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nb = std::min<int64_t>(16, n - j0);
+      for (int64_t jj = 0; jj < 16; ++jj) {
+        if (jj >= nb) {
+#pragma GCC unroll 16
+          for (int g = 0; g < NG; ++g) part[g][jj] = _mm512_setzero_ps();
+          continue;
+        }
+        const int64_t j = j0 + jj;
+        const T* key = j < n - 1 ? keys + (lo + j) * stride : own;
+        __m512 kv[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; ++g) {
+          __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 16
+          for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+          part[g][jj] = acc;
+        }
+      }
+      for (int g = 0; g < NG; ++g) {
+        _mm512_store_ps(sums, _mm512_mul_ps(sum16(part[g]), _mm512_set1_ps(scale)));
+        float* out = s + g * n + j0;
+        for (int64_t jj = 0; jj < nb; ++jj) out[jj] = cap > 0.f ? cap * std::tanh(sums[jj] / cap) : sums[jj];
+      }
+    }
+    return;
+  }
+#endif
+}
+
+// out[g * D + i] = sum_j w[g * n + j] * value_j[i].
+template <typename T, int DIM, int NG>
+void group_values(const float* w, const T* values, int64_t stride, int64_t lo, int64_t n, const T* own, float* out) {
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    constexpr int C = DIM / 16;
+    __m512 acc[NG][C];
+    #pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g)
+      #pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* value = j < n - 1 ? values + (lo + j) * stride : own;
+      __m512 vv[C];
+      #pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+      #pragma GCC unroll 16
+      for (int g = 0; g < NG; ++g) {
+        const __m512 wj = _mm512_set1_ps(w[g * n + j]);
+        #pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(wj, vv[c], acc[g][c]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g)
+      #pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * DIM + 16 * c, acc[g][c]);
+    return;
+  }
+#endif
+}
+
+// The largest group per pass that keeps q (or the accumulators) within 16 of the 32 vector registers.
+template <int DIM>
+constexpr int group_size() { return DIM > 0 && DIM % 16 == 0 ? std::max(1, 64 / DIM) : 1; }
+
+// Scores of queries g0..g0+ng-1 (ng <= group_size<DIM>()), vector path by ng; any D on the scalar path.
+template <typename T, int DIM>
+void scores_of(int64_t ng, const float* q, const T* keys, int64_t stride, int64_t lo, int64_t hi, const T* own,
+               int64_t D, float scale, float cap, float* s) {
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    switch (ng) {
+      case 1: return group_scores<T, DIM, 1>(q, keys, stride, lo, hi, own, scale, cap, s);
+      case 2: if constexpr (group_size<DIM>() >= 2) return group_scores<T, DIM, 2>(q, keys, stride, lo, hi, own, scale, cap, s); break;
+      case 3: if constexpr (group_size<DIM>() >= 3) return group_scores<T, DIM, 3>(q, keys, stride, lo, hi, own, scale, cap, s); break;
+      case 4: if constexpr (group_size<DIM>() >= 4) return group_scores<T, DIM, 4>(q, keys, stride, lo, hi, own, scale, cap, s); break;
+    }
+  }
+#endif
+  const int64_t n = hi - lo + 1;
+  std::vector<float> row(D);
+  for (int64_t j = 0; j < n; ++j) {
+    load_row(j < n - 1 ? keys + (lo + j) * stride : own, row.data(), D);
+    for (int64_t g = 0; g < ng; ++g) s[g * n + j] = score(dot(q + g * D, row.data(), D), scale, cap);
+  }
+}
+
+template <typename T, int DIM>
+void values_of(int64_t ng, const float* w, const T* values, int64_t stride, int64_t lo, int64_t n, const T* own,
+               int64_t D, float* out) {
+#if defined(__AVX512F__)
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    switch (ng) {
+      case 1: return group_values<T, DIM, 1>(w, values, stride, lo, n, own, out);
+      case 2: if constexpr (group_size<DIM>() >= 2) return group_values<T, DIM, 2>(w, values, stride, lo, n, own, out); break;
+      case 3: if constexpr (group_size<DIM>() >= 3) return group_values<T, DIM, 3>(w, values, stride, lo, n, own, out); break;
+      case 4: if constexpr (group_size<DIM>() >= 4) return group_values<T, DIM, 4>(w, values, stride, lo, n, own, out); break;
+    }
+  }
+#endif
+  std::vector<float> row(D);
+  std::fill(out, out + ng * D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    load_row(j < n - 1 ? values + (lo + j) * stride : own, row.data(), D);
+    for (int64_t g = 0; g < ng; ++g) {
+      const float wj = w[g * n + j];
+      float* o = out + g * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) o[i] += wj * row[i];
+    }
+  }
+}
+
+struct RowBuffers {
+  std::vector<float> q, acc, scores;
+};
+
+// One (row, KV head): its G queries (q, g-th at q + g * q_stride) against keys lo..hi-1 (row stride kstride /
+// vstride), then the row's own key and value; writes the G x D result at dst.
+// DIM > 0: the head dim fixed at compile time, so the per-row loops unroll (3x faster at D = 64 than
+// runtime-length loops, measured); DIM = 0: any head dim.
+template <typename T, int DIM>
+void attend_row(const T* q, int64_t q_stride, int64_t G, const T* keys, int64_t kstride, const T* values,
+                int64_t vstride, int64_t lo, int64_t hi, const T* own_k, const T* own_v, int64_t D, float scale,
+                float cap, T* dst, RowBuffers& buf) {
+  const int64_t n = hi - lo + 1;  // keys in range, then the row's own key last
+  buf.q.resize(G * D);
+  buf.acc.resize(G * D);
+  buf.scores.resize(G * n);
+  for (int64_t g = 0; g < G; ++g) load_row(q + g * q_stride, buf.q.data() + g * D, D);
+  constexpr int64_t GB = group_size<DIM>();
+  for (int64_t g = 0; g < G; g += GB)
+    scores_of<T, DIM>(std::min(GB, G - g), buf.q.data() + g * D, keys, kstride, lo, hi, own_k, D, scale, cap,
+                      buf.scores.data() + g * n);
+  for (int64_t g = 0; g < G; ++g) {  // softmax in place, normalised at the end
+    float* s = buf.scores.data() + g * n;
+    const float m = *std::max_element(s, s + n);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) total += (s[j] = exp_nonpositive(s[j] - m));
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  }
+  for (int64_t g = 0; g < G; g += GB)
+    values_of<T, DIM>(std::min(GB, G - g), buf.scores.data() + g * n, values, vstride, lo, n, own_v, D,
+                      buf.acc.data() + g * D);
+  for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<T>(buf.acc[i]);
+}
+
+template <typename T, int DIM>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_span,
+            const at::Tensor& v_span, const at::Tensor& positions, double scale_d, int64_t window,
+            double cap_d, at::Tensor& out) {
+  const int64_t B = q.size(0), KV = q.size(1), G = q.size(2), span = k_span.size(2);
+  const int64_t D = DIM > 0 ? DIM : q.size(3);
+  const float scale = static_cast<float>(scale_d), cap = static_cast<float>(cap_d);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* ksp = k_span.data_ptr<T>();
+  const T* vsp = v_span.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  // strides in elements; the innermost dim of every tensor is dense (checked by the caller)
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  const int64_t kss0 = k_span.stride(0), kss1 = k_span.stride(1), kss2 = k_span.stride(2);
+  const int64_t vss0 = v_span.stride(0), vss1 = v_span.stride(1), vss2 = v_span.stride(2);
+
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    RowBuffers buf;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / KV, h = item % KV;
+      const int64_t p = std::max<int64_t>(pos[b], 0);
+      const int64_t hi = std::min(p, span);
+      const int64_t lo = window > 0 ? std::min(hi, std::max<int64_t>(p - window + 1, 0)) : 0;
+      attend_row<T, DIM>(qp + b * qs0 + h * qs1, qs2, G, ksp + b * kss0 + h * kss1, kss2, vsp + b * vss0 + h * vss1,
+                         vss2, lo, hi, kp + b * ks0 + h * ks1, vp + b * vs0 + h * vs1, D, scale, cap,
+                         op + (b * KV + h) * G * D, buf);
+    }
+  });
+}
+
+// Packed prefill: token t (at positions[t] of its prompt; a prompt's tokens sit together, positions 0, 1, ...)
+// attends to its own prompt's tokens up to itself: rows t - positions[t] .. t of k and v.
+template <typename T, int DIM>
+void attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                   double scale_d, int64_t window, double cap_d, at::Tensor& out) {
+  const int64_t T_ = q.size(0), H = q.size(1), KV = k.size(1), G = H / KV;
+  const int64_t D = DIM > 0 ? DIM : q.size(2);
+  const float scale = static_cast<float>(scale_d), cap = static_cast<float>(cap_d);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, T_ * KV, 1, [&](int64_t begin, int64_t end) {
+    RowBuffers buf;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / KV, h = item % KV;
+      const int64_t lo = window > 0 ? std::max(t - pos[t], t - window + 1) : t - pos[t];
+      attend_row<T, DIM>(qp + t * qs0 + h * G * qs1, qs1, G, kp + h * ks1, ks0, vp + h * vs1, vs0, lo, t,
+                         kp + t * ks0 + h * ks1, vp + t * vs0 + h * vs1, D, scale, cap, op + (t * H + h * G) * D, buf);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_span,
+                  const at::Tensor& v_span, const at::Tensor& positions, double scale, int64_t window, double cap,
+                  at::Tensor& out) {
+  switch (q.size(3)) {
+    case 64: return attend<T, 64>(q, k, v, k_span, v_span, positions, scale, window, cap, out);
+    case 128: return attend<T, 128>(q, k, v, k_span, v_span, positions, scale, window, cap, out);
+    case 256: return attend<T, 256>(q, k, v, k_span, v_span, positions, scale, window, cap, out);
+    default: return attend<T, 0>(q, k, v, k_span, v_span, positions, scale, window, cap, out);
+  }
+}
+
+template <typename T>
+void dispatch_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     double scale, int64_t window, double cap, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64: return attend_packed<T, 64>(q, k, v, positions, scale, window, cap, out);
+    case 128: return attend_packed<T, 128>(q, k, v, positions, scale, window, cap, out);
+    case 256: return attend_packed<T, 256>(q, k, v, positions, scale, window, cap, out);
+    default: return attend_packed<T, 0>(q, k, v, positions, scale, window, cap, out);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_span,
+                            const at::Tensor& v_span, const at::Tensor& positions, double scale, int64_t window,
+                            double softcap) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && v.dim() == 3 && k_span.dim() == 4 && v_span.dim() == 4,
+              "kiln::decode_attention: q [B, KV, G, D], k/v [B, KV, D], spans [B, KV, K, D]");
+  const int64_t B = q.size(0), KV = q.size(1), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == KV && k.size(2) == D && v.sizes() == k.sizes(),
+              "kiln::decode_attention: k/v must be [B, KV, D] of q's B, KV and D");
+  TORCH_CHECK(k_span.size(0) == B && k_span.size(1) == KV && k_span.size(3) == D && v_span.sizes() == k_span.sizes(),
+              "kiln::decode_attention: spans must be [B, KV, K, D] of q's B, KV and D");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B && positions.scalar_type() == at::kLong,
+              "kiln::decode_attention: positions must be int64 [B]");
+  for (const at::Tensor* t : {&q, &k, &v, &k_span, &v_span}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "kiln::decode_attention: q, k, v and spans share one dtype");
+    TORCH_CHECK(t->stride(-1) == 1, "kiln::decode_attention: the last dim of every input must be dense");
+    TORCH_CHECK(t->device().is_cpu(), "kiln::decode_attention runs on the cpu");
+  }
+  const at::Tensor pos = positions.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch_dim<c10::BFloat16>(q, k, v, k_span, v_span, pos, scale, window, softcap, out);
+  } else if (q.scalar_type() == at::kFloat) {
+    dispatch_dim<float>(q, k, v, k_span, v_span, pos, scale, window, softcap, out);
+  } else {
+    TORCH_CHECK(false, "kiln::decode_attention: bfloat16 or float32 only, got ", q.scalar_type());
+  }
+  return out;
+}
+
+at::Tensor packed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                            const at::Tensor& segments, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "kiln::packed_attention: q [T, H, D], k/v [T, KV, D] with H a multiple of KV");
+  const int64_t T_ = q.size(0);
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == T_ && positions.scalar_type() == at::kLong &&
+                  segments.sizes() == positions.sizes() && segments.scalar_type() == at::kLong,
+              "kiln::packed_attention: positions and segments must be int64 [T]");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "kiln::packed_attention: q, k and v share one dtype");
+    TORCH_CHECK(t->stride(-1) == 1, "kiln::packed_attention: the last dim of every input must be dense");
+    TORCH_CHECK(t->device().is_cpu(), "kiln::packed_attention runs on the cpu");
+  }
+  // The packing this kernel reads: a token at position p > 0 follows the token at p - 1 of its own segment, so
+  // rows t - p .. t are its prompt's tokens up to itself, the keys the packed mask allows (compile/model.py
+  // packed_prefill). Padding rows (position 0, a segment of their own) attend to themselves only, where the
+  // mask lets them see each other: their outputs are never read.
+  const at::Tensor pos = positions.contiguous(), seg = segments.contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* sg = seg.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T_; ++t)
+    TORCH_CHECK(p[t] >= 0 && (p[t] == 0 || (t > 0 && sg[t - 1] == sg[t] && p[t - 1] == p[t] - 1)),
+                "kiln::packed_attention: token ", t, " is not packed (a prompt's tokens sit together at positions 0, 1, ...)");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch_packed<c10::BFloat16>(q, k, v, pos, scale, window, softcap, out);
+  } else if (q.scalar_type() == at::kFloat) {
+    dispatch_packed<float>(q, k, v, pos, scale, window, softcap, out);
+  } else {
+    TORCH_CHECK(false, "kiln::packed_attention: bfloat16 or float32 only, got ", q.scalar_type());
+  }
+  return out.view({T_, q.size(1) * q.size(2)});
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kiln, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_span, Tensor v_span, Tensor positions, "
+        "float scale, int window, float softcap) -> Tensor");
+  m.def("packed_attention(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor segments, float scale, int window, "
+        "float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("packed_attention", &packed_attention);
+}
