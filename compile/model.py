@@ -347,9 +347,10 @@ class OneDNNWeights(Weights):
         return y if bias is None else y + bias
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        # NOTE: one kernel instead of eight ops; it rounds to the dtype once where HF rounds twice
-        # (the same in float32, at most one bf16 ulp apart in bfloat16).
-        if self.kernels:  # compile/kernels/rms_norm.cpp: one pass (torch's CPU rms_norm is eight ops)
+        # NOTE: both paths round to the dtype once where HF rounds twice (the same in float32, at most one bf16
+        # ulp apart in bfloat16). torch's F.rms_norm is one call but runs as eight ops on CPU; Kiln's kernel
+        # (compile/kernels/rms_norm.cpp) is one pass.
+        if self.kernels:
             return torch.ops.kiln.rms_norm(x, self._by_name[name], self.cfg.rms_norm_eps, self.cfg.norm_add_one)
         if self.cfg.norm_add_one:  # float32 throughout, one rounding at the end, as transformers' GemmaRMSNorm
             normed = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.cfg.rms_norm_eps)
@@ -742,11 +743,10 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     b, span = input_ids.shape[0], k_span.shape[3]
     scale = cfg.attention_scale
     ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [B, 1, D]
-    key_pos = torch.arange(span, dtype=torch.int64, device=input_ids.device)
-    kernel = w.kernels
     append = w.variant == CPU_ONEDNN and k_span[0].numel() * k_span.element_size() <= APPEND_MAX_SPAN_BYTES
-    masks = {}  # one per distinct layer window
-    for window in cfg.layer_windows if not kernel else ():
+    masks = {}  # one per distinct layer window (Kiln's decode-attention kernel takes positions instead)
+    key_pos = None if w.kernels else torch.arange(span, dtype=torch.int64, device=input_ids.device)
+    for window in () if w.kernels else cfg.layer_windows:
         cached = (key_pos[None, :] < positions[:, None]) & key_mask(cfg, key_pos[None, :], positions[:, None], window)
         cached = cached[:, None, None, :]                           # [B, 1, 1, K]
         if append:  # additive mask over the span and the new token appended after it
@@ -762,7 +762,7 @@ def decode(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
         new_k.append(k)
         new_v.append(v)
         qg = q.reshape(b, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        if kernel:  # reads each row's cached positions in place (compile/kernels/decode_attention.cpp)
+        if w.kernels:  # reads each row's cached positions in place (compile/kernels/decode_attention.cpp)
             attn = torch.ops.kiln.decode_attention(qg, k, v, k_span[i], v_span[i], positions, scale,
                                                    cfg.layer_window(i) or 0, cfg.attn_logit_softcapping or 0.0)
         else:

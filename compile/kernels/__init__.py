@@ -25,10 +25,6 @@ SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "
                                                                 "int8_linear.cpp")]
 
 
-class KernelUnavailable(RuntimeError):
-    """The kernels cannot be built or loaded on this host (the message says why, in one line)."""
-
-
 def kernel_dir() -> Path:
     return Path(os.environ.get("KILN_KERNEL_DIR", Path.home() / ".cache" / "kiln" / "kernels"))
 
@@ -94,8 +90,3 @@ def problem() -> str | None:
     """Why this host cannot run the kernels, or None if it can (builds them on first call)."""
     return _load()
 
-
-def ensure() -> None:
-    """Load the kernels or raise KernelUnavailable."""
-    if why := _load():
-        raise KernelUnavailable(why)

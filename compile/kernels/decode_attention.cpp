@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "widen.h"
@@ -97,104 +98,107 @@ inline __m512 sum16(const __m512* v) {
 // of 16): each K or V row is widened once for all NG, and q and the accumulators stay in registers.
 // NOTE: one query per pass widened every row G times and cost 1.6x more at G = 3 (SmolLM2) on the dev machine.
 
+#if defined(__AVX512F__)
 // s[g * n + j] = score of query g (float32 [NG, D] at q) against key j.
 template <typename T, int DIM, int NG>
 void group_scores(const float* q, const T* keys, int64_t stride, int64_t lo, int64_t hi, const T* own, float scale,
                   float cap, float* s) {
   const int64_t n = hi - lo + 1;
-#if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    constexpr int C = DIM / 16;
-    __m512 qv[NG][C];
-    #pragma GCC unroll 16
-    for (int g = 0; g < NG; ++g)
-      #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * DIM + 16 * c);
-    // NOTE: 16 keys' partial dot products are summed together (sum16), not one horizontal sum per key: that
-    // sum's latency, not memory, bounded this loop.
-    alignas(64) float sums[16];
-    __m512 part[NG][16];
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t nb = std::min<int64_t>(16, n - j0);
-      for (int64_t jj = 0; jj < 16; ++jj) {
-        if (jj >= nb) {
+  constexpr int C = DIM / 16;
+  __m512 qv[NG][C];
 #pragma GCC unroll 16
-          for (int g = 0; g < NG; ++g) part[g][jj] = _mm512_setzero_ps();
-          continue;
-        }
-        const int64_t j = j0 + jj;
-        const T* key = j < n - 1 ? keys + (lo + j) * stride : own;
-        __m512 kv[C];
+  for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * DIM + 16 * c);
+  // NOTE: 16 keys' partial dot products are summed together (sum16), not one horizontal sum per key: that
+  // sum's latency, not memory, bounded this loop.
+  alignas(64) float sums[16];
+  __m512 part[NG][16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      if (jj >= nb) {
 #pragma GCC unroll 16
-        for (int g = 0; g < NG; ++g) {
-          __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-#pragma GCC unroll 16
-          for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-          part[g][jj] = acc;
-        }
+        for (int g = 0; g < NG; ++g) part[g][jj] = _mm512_setzero_ps();
+        continue;
       }
+      const int64_t j = j0 + jj;
+      const T* key = j < n - 1 ? keys + (lo + j) * stride : own;
+      __m512 kv[C];
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+#pragma GCC unroll 16
       for (int g = 0; g < NG; ++g) {
-        _mm512_store_ps(sums, _mm512_mul_ps(sum16(part[g]), _mm512_set1_ps(scale)));
-        float* out = s + g * n + j0;
-        for (int64_t jj = 0; jj < nb; ++jj) out[jj] = cap > 0.f ? cap * std::tanh(sums[jj] / cap) : sums[jj];
+        __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 16
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+        part[g][jj] = acc;
       }
     }
-    return;
+    for (int g = 0; g < NG; ++g) {
+      _mm512_store_ps(sums, _mm512_mul_ps(sum16(part[g]), _mm512_set1_ps(scale)));
+      float* out = s + g * n + j0;
+      for (int64_t jj = 0; jj < nb; ++jj) out[jj] = cap > 0.f ? cap * std::tanh(sums[jj] / cap) : sums[jj];
+    }
   }
-#endif
 }
 
 // out[g * D + i] = sum_j w[g * n + j] * value_j[i].
 template <typename T, int DIM, int NG>
 void group_values(const float* w, const T* values, int64_t stride, int64_t lo, int64_t n, const T* own, float* out) {
-#if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    constexpr int C = DIM / 16;
-    __m512 acc[NG][C];
-    #pragma GCC unroll 16
-    for (int g = 0; g < NG; ++g)
-      #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const T* value = j < n - 1 ? values + (lo + j) * stride : own;
-      __m512 vv[C];
-      #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
-      #pragma GCC unroll 16
-      for (int g = 0; g < NG; ++g) {
-        const __m512 wj = _mm512_set1_ps(w[g * n + j]);
-        #pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(wj, vv[c], acc[g][c]);
-      }
+  constexpr int C = DIM / 16;
+  __m512 acc[NG][C];
+#pragma GCC unroll 16
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* value = j < n - 1 ? values + (lo + j) * stride : own;
+    __m512 vv[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+#pragma GCC unroll 16
+    for (int g = 0; g < NG; ++g) {
+      const __m512 wj = _mm512_set1_ps(w[g * n + j]);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(wj, vv[c], acc[g][c]);
     }
-    #pragma GCC unroll 16
-    for (int g = 0; g < NG; ++g)
-      #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * DIM + 16 * c, acc[g][c]);
-    return;
   }
-#endif
+#pragma GCC unroll 16
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * DIM + 16 * c, acc[g][c]);
 }
+#endif
 
 // The largest group per pass that keeps q (or the accumulators) within 16 of the 32 vector registers.
 template <int DIM>
 constexpr int group_size() { return DIM > 0 && DIM % 16 == 0 ? std::max(1, 64 / DIM) : 1; }
 
-// Scores of queries g0..g0+ng-1 (ng <= group_size<DIM>()), vector path by ng; any D on the scalar path.
+// Calls f(std::integral_constant<int, ng>{}) when the AVX-512 path takes ng queries per pass at this head dim
+// (DIM a multiple of 16, ng <= group_size<DIM>()), and says whether it did (callers build it only with AVX-512).
+template <int DIM, typename F>
+bool with_vector_group(int64_t ng, F&& f) {
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    switch (ng) {
+      case 1: f(std::integral_constant<int, 1>{}); return true;
+      case 2: if constexpr (group_size<DIM>() >= 2) { f(std::integral_constant<int, 2>{}); return true; } break;
+      case 3: if constexpr (group_size<DIM>() >= 3) { f(std::integral_constant<int, 3>{}); return true; } break;
+      case 4: if constexpr (group_size<DIM>() >= 4) { f(std::integral_constant<int, 4>{}); return true; } break;
+    }
+  }
+  return false;
+}
+
+// Scores of queries g0..g0+ng-1 (ng <= group_size<DIM>()): the vector path, else a scalar one for any D.
 template <typename T, int DIM>
 void scores_of(int64_t ng, const float* q, const T* keys, int64_t stride, int64_t lo, int64_t hi, const T* own,
                int64_t D, float scale, float cap, float* s) {
 #if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    switch (ng) {
-      case 1: return group_scores<T, DIM, 1>(q, keys, stride, lo, hi, own, scale, cap, s);
-      case 2: if constexpr (group_size<DIM>() >= 2) return group_scores<T, DIM, 2>(q, keys, stride, lo, hi, own, scale, cap, s); break;
-      case 3: if constexpr (group_size<DIM>() >= 3) return group_scores<T, DIM, 3>(q, keys, stride, lo, hi, own, scale, cap, s); break;
-      case 4: if constexpr (group_size<DIM>() >= 4) return group_scores<T, DIM, 4>(q, keys, stride, lo, hi, own, scale, cap, s); break;
-    }
-  }
+  if (with_vector_group<DIM>(ng, [&](auto NG) {
+        group_scores<T, DIM, decltype(NG)::value>(q, keys, stride, lo, hi, own, scale, cap, s);
+      }))
+    return;
 #endif
   const int64_t n = hi - lo + 1;
   std::vector<float> row(D);
@@ -208,14 +212,10 @@ template <typename T, int DIM>
 void values_of(int64_t ng, const float* w, const T* values, int64_t stride, int64_t lo, int64_t n, const T* own,
                int64_t D, float* out) {
 #if defined(__AVX512F__)
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    switch (ng) {
-      case 1: return group_values<T, DIM, 1>(w, values, stride, lo, n, own, out);
-      case 2: if constexpr (group_size<DIM>() >= 2) return group_values<T, DIM, 2>(w, values, stride, lo, n, own, out); break;
-      case 3: if constexpr (group_size<DIM>() >= 3) return group_values<T, DIM, 3>(w, values, stride, lo, n, own, out); break;
-      case 4: if constexpr (group_size<DIM>() >= 4) return group_values<T, DIM, 4>(w, values, stride, lo, n, own, out); break;
-    }
-  }
+  if (with_vector_group<DIM>(ng, [&](auto NG) {
+        group_values<T, DIM, decltype(NG)::value>(w, values, stride, lo, n, own, out);
+      }))
+    return;
 #endif
   std::vector<float> row(D);
   std::fill(out, out + ng * D, 0.f);

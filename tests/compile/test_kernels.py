@@ -185,9 +185,9 @@ def test_without_the_kernels_onednn_graphs_use_torch_ops(tmp_path, tiny_llama_di
     from compile.config import CompileConfig
     from compile.export import build_artifact
     from server.runner.artifact import load_artifact
+    from server.runner.bucketed import Chunk
     why = "cannot build Kiln's cpu kernels here (test)"
-    monkeypatch.setattr(compile.model, "kernels_problem", lambda: why)
-    monkeypatch.setattr("compile.export.kernels_problem", compile.model.kernels_problem)
+    monkeypatch.setattr(kernels, "problem", lambda: why)  # what compile (model.kernels_problem) asks
     out = tmp_path / "art"
     build_artifact(CompileConfig(checkpoint=str(tiny_llama_dir), context_buckets=(16,), batch_buckets=(1, 2),
                                  kv_buckets=(16, 32), max_model_len=32, max_num_seqs=2, prefix_cache_rows=0),
@@ -197,10 +197,5 @@ def test_without_the_kernels_onednn_graphs_use_torch_ops(tmp_path, tiny_llama_di
     assert f"note: {why}; the graphs use op-by-op attention and norms" in capsys.readouterr().err
     assert _kiln_targets(out) == set()
     runner = load_artifact(out).runner
-    assert torch.isfinite(runner.run_prefill([_chunk(0, [5, 6, 7])]).logits).all()
+    assert torch.isfinite(runner.run_prefill([Chunk(0, [5, 6, 7])]).logits).all()
     assert torch.isfinite(runner.decode([8], [3]).logits).all()
-
-
-def _chunk(slot, ids):
-    from server.runner.bucketed import Chunk
-    return Chunk(slot, ids)
