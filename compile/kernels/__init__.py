@@ -3,7 +3,8 @@
 CPU_ONEDNN graphs call `torch.ops.kiln.decode_attention` (decode_attention.cpp: a decode step's attention,
 read from the KV cache in place), `torch.ops.kiln.packed_attention` (the same file: a packed prefill's attention,
 each token over its own prompt only), `torch.ops.kiln.rms_norm` (rms_norm.cpp: RMSNorm in one pass) and
-`torch.ops.kiln.int8_linear` (int8_linear.cpp: int8 weights times a few rows, at memory speed).
+`torch.ops.kiln.int8_linear` (int8_linear.cpp: int8 weights times a few rows, at memory speed), and
+`torch.ops.kiln.rope` (rope.cpp: rope over q and k in one pass).
 The op is built with torch's own extension builder into KILN_KERNEL_DIR (default ~/.cache/kiln/kernels),
 once per host kind and source version, and loaded into the process before a graph that calls it is
 traced or loaded. A host that cannot build it (no C++ compiler) gets one line saying why; compile then
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-OPS = ("decode_attention", "packed_attention", "rms_norm", "int8_linear")
+OPS = ("decode_attention", "packed_attention", "rms_norm", "int8_linear", "rope")
 HEADERS = [Path(__file__).with_name("widen.h")]
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "rms_norm.cpp",
-                                                                "int8_linear.cpp")]
+                                                                "int8_linear.cpp", "rope.cpp")]
 
 
 def kernel_dir() -> Path:
@@ -84,6 +85,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kiln::int8_linear")
     def _(x, weight, scale):
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("kiln::rope")
+    def _(x, cos, sin):
+        return x.new_empty(x.shape)
 
 
 def problem() -> str | None:

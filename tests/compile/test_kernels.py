@@ -131,6 +131,27 @@ def test_rms_norm_of_a_column_slice():
                        torch.ops.kiln.rms_norm(x[:, 32:].contiguous(), w, 1e-6, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (37, 64), (5, 18)])  # 18: halves of 9, past no vector width
+def test_rope_equals_the_torch_ops_bit_for_bit(dtype, tokens, head_dim):
+    """q and k are a view of the fused qkv projection's output (heads H + KV of H + 2 KV): not contiguous."""
+    g = torch.Generator().manual_seed(tokens + head_dim)
+    qkv = (torch.randn(tokens, 15, head_dim, generator=g) * 4).to(dtype)
+    qk = qkv[:, :12]
+    angles = torch.randn(tokens, head_dim // 2, generator=g) * 50
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+    out = torch.ops.kiln.rope(qk, cos, sin)
+    assert out.dtype == dtype and out.shape == qk.shape and out.is_contiguous()
+    assert torch.equal(out, compile.model.apply_rope(qk, cos, sin))
+
+
+def test_rope_refuses_partial_rotary():
+    x = torch.zeros(2, 3, 64)
+    with pytest.raises(RuntimeError, match="full rotary only"):
+        torch.ops.kiln.rope(x, torch.zeros(2, 1, 32), torch.zeros(2, 1, 32))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: more rows than one register block of 8
 @pytest.mark.parametrize("k", [64, 40])           # 40: a tail past the 16-wide loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -173,7 +194,7 @@ def test_onednn_graphs_call_the_kernels_and_a_host_without_them_refuses_in_one_l
     if _variant(tiny_artifact) != compile.model.CPU_ONEDNN:
         pytest.skip("oneDNN cannot pack here: the artifact is portable")
     assert _kiln_targets(tiny_artifact) == {"kiln.decode_attention.default", "kiln.packed_attention.default",
-                                            "kiln.rms_norm.default"}
+                                            "kiln.rms_norm.default", "kiln.rope.default"}
     decode = next(g for g in Manifest.read(tiny_artifact).graphs if g["kind"] == "decode")
     monkeypatch.setattr(kernels, "problem", lambda: "cannot build Kiln's cpu kernels here (no compiler)")
     with pytest.raises(ArtifactError, match=r"calls Kiln's cpu kernels, but cannot build .* --cpu-kernels portable"):

@@ -32,6 +32,18 @@ def test_greedy_temperature_zero_and_top_k_one_take_the_argmax():
         assert sampler.sample(logits, [row(params)] * 4).token_ids == expected
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_with_any_non_finite_logit_fail_and_the_others_sample(temperature):
+    logits = logits_batch(rows=5)
+    logits[1, 7], logits[2, 0], logits[3, V - 1] = float("inf"), float("-inf"), float("nan")
+    out = Sampler(seed=0).sample(logits, [row(SamplingParams(temperature=temperature), key=f"r#{i}")
+                                          for i in range(5)])
+    assert out.failed_rows == [1, 2, 3]
+    assert all(0 <= t < V for t in out.token_ids)
+    if temperature == 0.0:
+        assert [out.token_ids[i] for i in (0, 4)] == logits[[0, 4]].argmax(dim=-1).tolist()
+
+
 def test_does_not_modify_the_runner_logits():
     logits = logits_batch()
     before = logits.clone()
