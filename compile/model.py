@@ -445,7 +445,7 @@ def qkv(w: Weights, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             qk = (normed * (1.0 + w[p + "qk_norm.weight"].to(torch.float32))).to(qk.dtype)
         elif cfg.qk_norm:  # one normalisation over q and k together, then each head's row of its weight
             qk = F.rms_norm(qk, (cfg.head_dim,), None, cfg.rms_norm_eps) * w[p + "qk_norm.weight"]
-        if w.kernels and cos.shape[-1] == cfg.head_dim:  # one pass (compile/kernels/elementwise.cpp)
+        if w.kernels and cos.shape[-1] == cfg.head_dim:  # one pass (compile/kernels/rope.cpp)
             qk = torch.ops.kiln.rope(qk, cos, sin)
         else:
             qk = apply_rope(qk, cos, sin)  # one rope over q and k together
