@@ -68,7 +68,7 @@ inline float score(float raw, float scale, float cap) {
 }
 
 // The largest of x[0..n-1], n >= 1. NOTE: std::max_element is a scalar chain of dependent maxes (4 cycles a
-// key), which was 14% of the decode step's attention on an AVX-512 host.
+// key), which was 14% of this kernel's time on an AVX-512 host.
 inline float max_of(const float* x, int64_t n) {
   int64_t j = 0;
   float m = x[0];

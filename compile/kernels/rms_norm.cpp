@@ -20,8 +20,7 @@ using kiln::widen;
 
 template <typename T, typename W>
 void norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t h, int64_t x_stride, float eps, float add_one) {
-  // NOTE: grain ~32K elements: a decode step's few rows stay on one thread (a fork costs more than the row).
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / h), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, kiln::row_grain(h), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
       float sum = 0.f;

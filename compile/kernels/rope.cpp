@@ -12,7 +12,6 @@
 
 #include "widen.h"
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -48,15 +47,12 @@ inline void store(T* dst, float x) {
   }
 }
 
-// Rows get whole threads; a decode step's few rows stay on one (a fork costs more than they do).
-inline int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row_elements, 1)); }
-
 // out[t, n, :] = x * cos + rotate_half(x) * sin over heads n of token t; cos/sin [T, D] rows (one per token).
 template <typename T>
 void rope_rows(const T* x, int64_t xs0, int64_t xs1, const T* cos, int64_t cs0, const T* sin, int64_t ss0, T* out,
                int64_t tokens, int64_t heads, int64_t d) {
   const int64_t half = d / 2;
-  at::parallel_for(0, tokens, grain(heads * d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, kiln::row_grain(heads * d), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos + t * cs0;
       const T* s = sin + t * ss0;

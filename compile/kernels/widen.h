@@ -1,4 +1,4 @@
-// Shared by Kiln's cpu kernels: bfloat16 and float32 values read as float32.
+// Shared by Kiln's cpu kernels: bfloat16 and float32 values read as float32, and the rows a thread takes.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +11,12 @@
 #endif
 
 namespace kiln {
+
+// parallel_for's grain for rows of row_elements each: about 32K elements a thread, so a decode step's few rows
+// stay on one thread (a fork costs more than they do).
+inline int64_t row_grain(int64_t row_elements) {
+  return row_elements >= (1 << 15) ? 1 : (1 << 15) / (row_elements > 0 ? row_elements : 1);
+}
 
 inline float widen(float x) { return x; }
 inline float widen(c10::BFloat16 x) {  // bf16 is float32's upper half: a 16-bit shift

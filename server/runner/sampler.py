@@ -96,12 +96,13 @@ class Sampler:
         _apply_logit_bias(logits, rows)
         _ban_tokens(logits, rows)
         _apply_penalties(logits, rows)
-        tokens = torch.empty(len(rows), dtype=torch.long)
         greedy = [i for i, r in enumerate(rows) if is_greedy(r.params)]
         random = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
-        if len(greedy) == len(rows):  # no row gather (a copy of the logits)
+        if not random:  # all greedy: no row gather (a copy of the logits)
             tokens = logits.argmax(dim=-1)
-        elif greedy:
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long)
+        if greedy and random:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if random:
             processed = self._process_random(logits[random], [rows[i] for i in random])
