@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-buckets", type=int_list, metavar="C1,C2,..",
                    help="token counts of the prefill-chunk graphs (a long prompt's later chunks, the rest of a prompt "
                         "after a prefix-cache hit); default the largest context bucket up to 512, and below it 64, 128 "
-                        "and 256 on cpu, 128 on neuron")
+                        "and 256 on cpu, 128 on neuron. cpu graphs with Kiln's kernels compile ragged packed prefills "
+                        "at these sizes instead, which take several such rests in one call")
     c.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
                    help="cpu target: graphs with fused projections prepacked for oneDNN (cpu-onednn), or plain "
                         "aten ops any CPU runs (portable); auto picks cpu-onednn where it works (default auto)")

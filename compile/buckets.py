@@ -10,11 +10,12 @@ from compile.config import CompileConfig
 class GraphSpec:
     """One bucket graph. `name` is also its file stem in graphs/."""
 
-    # "prefill" (one prompt) | "prefill_packed" (cpu: several prompts end to end) | "prefill_chunk" (a later
-    # chunk of a long prompt) | "decode" | "copy_slot" (neuron's device-side slot copy)
+    # "prefill" (one prompt) | "prefill_packed" (cpu: several prompts end to end) | "prefill_ragged" (cpu with
+    # Kiln's kernels: prefill_packed whose prompts may also resume after their slot's cached positions) |
+    # "prefill_chunk" (a later chunk of a long prompt) | "decode" | "copy_slot" (neuron's device-side slot copy)
     kind: str
     seq_len: int = 0   # prefill: tokens per call
-    batch: int = 0     # decode: rows per call; prefill_packed: prompts per call
+    batch: int = 0     # decode: rows per call; prefill_packed/prefill_ragged: prompts per call
     kv_len: int = 0    # decode: cached span; prefill_chunk: past span
 
     @property
@@ -23,8 +24,8 @@ class GraphSpec:
             return f"prefill_s{self.seq_len}"
         if self.kind == "prefill_chunk":
             return f"prefill_chunk_s{self.seq_len}_p{self.kv_len}"
-        if self.kind == "prefill_packed":
-            return f"prefill_packed_s{self.seq_len}_r{self.batch}"
+        if self.kind in ("prefill_packed", "prefill_ragged"):
+            return f"{self.kind}_s{self.seq_len}_r{self.batch}"
         if self.kind == "copy_slot":
             return "copy_slot"
         return f"decode_b{self.batch}_k{self.kv_len}"
@@ -42,12 +43,21 @@ class GraphSpec:
         return spec
 
 
-def plan_graphs(cfg: CompileConfig) -> list[GraphSpec]:
+def plan_graphs(cfg: CompileConfig, ragged_max_tokens: int = 0) -> list[GraphSpec]:
+    """The graphs of an artifact. ragged_max_tokens > 0 (cpu graphs that call Kiln's kernels): the packed graphs
+    up to that many tokens are prefill_ragged, which also take prompts that resume after cached positions, at the
+    chunk sizes too (a 60-token rest after a prefix-cache hit then runs at 64, not at the smallest context
+    bucket), so no prefill_chunk graphs are needed when they cover chunk_len."""
     if cfg.target == "cpu":
-        specs = [GraphSpec("prefill_packed", seq_len=s, batch=cfg.packed_rows(s)) for s in cfg.context_buckets]
+        ragged = {s for s in (*cfg.context_buckets, *cfg.chunk_sizes) if s <= ragged_max_tokens}
+        # NOTE: a ragged call takes as many segments as sequences can run (decode rows ride it too: one token each)
+        specs = [GraphSpec("prefill_ragged", seq_len=s, batch=min(s, cfg.max_num_seqs)) if s in ragged else
+                 GraphSpec("prefill_packed", seq_len=s, batch=cfg.packed_rows(s))
+                 for s in sorted(ragged | set(cfg.context_buckets))]
     else:
         specs = [GraphSpec("prefill", seq_len=s) for s in cfg.context_buckets]
-    if cfg.needs_chunk_graph:
+    ragged_covers_chunks = any(s.kind == "prefill_ragged" and s.seq_len >= cfg.chunk_len for s in specs)
+    if cfg.needs_chunk_graph and not ragged_covers_chunks:
         specs += [GraphSpec("prefill_chunk", seq_len=s, kv_len=p) for s in cfg.chunk_sizes for p in cfg.chunk_pasts]
     specs += [GraphSpec("decode", batch=b, kv_len=k) for b in cfg.batch_buckets for k in cfg.kv_buckets]
     return specs

@@ -34,7 +34,8 @@ import torch.fx
 
 from compile.buckets import GraphSpec
 from compile.manifest import ArtifactError
-from compile.model import PORTABLE, DecodeGraph, ModelConfig, PackedPrefillGraph, PrefillChunkGraph, PrefillGraph
+from compile.model import (PORTABLE, DecodeGraph, ModelConfig, PackedPrefillGraph, PrefillChunkGraph, PrefillGraph,
+                           RaggedPrefillGraph)
 
 # NOTE: the JSON is ~25x smaller gzip'd, which keeps the artifact within a few percent of the
 # weights' size even with dozens of buckets.
@@ -59,6 +60,12 @@ def example_inputs(spec: GraphSpec, cfg: ModelConfig, dtype: torch.dtype) -> tup
     if spec.kind == "prefill_packed":  # input_ids, positions, segments [seq_len]; last_indices [batch]
         return (torch.zeros(spec.seq_len, dtype=i64), torch.zeros(spec.seq_len, dtype=i64),
                 torch.zeros(spec.seq_len, dtype=i64), torch.zeros(spec.batch, dtype=i64))
+    if spec.kind == "prefill_ragged":  # input_ids, positions, starts, slots [seq_len]; last_indices [batch]; caches
+        # NOTE: a one-row, one-position cache: the graph only selects a layer of it and Kiln's kernel reads
+        # the runner's cache at whatever size it has (checked there), so the artifact ties it to no row count.
+        cache = (cfg.num_layers, 1, cfg.num_kv_heads, 1, cfg.head_dim)
+        return (*(torch.zeros(spec.seq_len, dtype=i64) for _ in range(4)), torch.zeros(spec.batch, dtype=i64),
+                torch.zeros(cache, dtype=dtype), torch.zeros(cache, dtype=dtype))
     ids, start, last = torch.zeros(spec.seq_len, dtype=i64), torch.tensor(0, dtype=i64), torch.tensor(0, dtype=i64)
     if spec.kind == "prefill":
         return ids, start, last
@@ -67,8 +74,8 @@ def example_inputs(spec: GraphSpec, cfg: ModelConfig, dtype: torch.dtype) -> tup
 
 
 def graph_module(spec: GraphSpec, cfg: ModelConfig, variant: str = PORTABLE) -> torch.nn.Module:
-    return {"prefill": PrefillGraph, "prefill_packed": PackedPrefillGraph, "prefill_chunk": PrefillChunkGraph,
-            "decode": DecodeGraph}[spec.kind](cfg, variant)
+    return {"prefill": PrefillGraph, "prefill_packed": PackedPrefillGraph, "prefill_ragged": RaggedPrefillGraph,
+            "prefill_chunk": PrefillChunkGraph, "decode": DecodeGraph}[spec.kind](cfg, variant)
 
 
 def export_graph(spec: GraphSpec, cfg: ModelConfig, weights: list[torch.Tensor],

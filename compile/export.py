@@ -19,7 +19,7 @@ from compile.buckets import plan_graphs
 from compile.checkpoint import load_checkpoint, source_sha256
 from compile.config import CompileConfig
 from compile.manifest import FORMAT_VERSION, GRAPH_ABI, MANIFEST_NAME, ArtifactError, Manifest, list_files
-from compile.model import CPU_ONEDNN, PORTABLE, kernels_problem
+from compile.model import CPU_ONEDNN, PACKED_KERNEL_MAX_TOKENS, PORTABLE, kernels_problem
 from compile.quantize import quantize_checkpoint
 
 WEIGHTS_FILE = "weights/model.safetensors"
@@ -117,7 +117,9 @@ def build_artifact(cfg: CompileConfig, out: Path, force: bool = False, progress:
         if full_weights:
             save_file(ckpt.weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         graphs, timings, rows = [], {}, []
-        specs = plan_graphs(cfg)
+        # cpu graphs that call Kiln's kernels take resumed prompts in their packed prefills (prefill_ragged)
+        ragged = PACKED_KERNEL_MAX_TOKENS if variant == CPU_ONEDNN and not kernels_problem() else 0
+        specs = plan_graphs(cfg, ragged_max_tokens=ragged)
         bar = tqdm(specs, desc="compiling buckets", unit="graph", disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.name)

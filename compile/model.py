@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -634,35 +634,33 @@ def prefill(w: Weights, input_ids: torch.Tensor, start_pos: torch.Tensor, last_i
 def prefill_layers(w: Weights, input_ids: torch.Tensor, ropes: dict[str, tuple], masks: dict,
                    last_indices: torch.Tensor,
                    past_k: Optional[torch.Tensor] = None, past_v: Optional[torch.Tensor] = None,
-                   causal_block: int = 0, packing: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-    """The decoder over S prompt tokens (prefill and packed_prefill): logits [R, V] float32 at
+                   causal_block: int = 0, kernel_attention: Optional[Callable] = None):
+    """The decoder over S prompt tokens (prefill, packed_prefill and ragged_prefill): logits [R, V] float32 at
     last_indices [R], new_k/new_v [L, KV, S, D]. With past_k/past_v the keys are the past then the new.
     ropes: cos, sin per inv_freq name (layer_ropes); masks: per layer window (ModelConfig.layer_window).
     causal_block > 0: the mask never lets a token see a later one (block_causal_attention).
-    packing: a packed prefill's (positions, segments), for Kiln's packed-attention kernel (w.kernels), which
-    needs no mask."""
+    kernel_attention(i, q [S, H, D], k, v [S, KV, D]) -> [S, H*D]: layer i's attention by one of Kiln's kernels
+    (packed_prefill, ragged_prefill), which need no mask."""
     cfg = w.cfg
     scale = cfg.attention_scale
     h = embed(w, input_ids)                                          # [S, hidden]
-    packed_kernel = packing is not None and w.kernels
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
         cos, sin = ropes[cfg.layer_rope(i)]
         mask = masks.get(cfg.layer_window(i))
         x = w.norm(h, f"model.layers.{i}.input_layernorm.weight")
         q, k, v = qkv(w, i, x, cos, sin)
-        if packed_kernel:  # each token over its own prompt only (compile/kernels/decode_attention.cpp)
-            attn = torch.ops.kiln.packed_attention(q, k, v, *packing, scale, cfg.layer_window(i) or 0,
-                                                   cfg.attn_logit_softcapping or 0.0)
+        if kernel_attention is not None:  # compile/kernels/decode_attention.cpp
+            attn = kernel_attention(i, q, k, v)
         k, v = k.transpose(0, 1), v.transpose(0, 1)                 # [KV, S, D]
         new_k.append(k)
         new_v.append(v)
         if past_k is not None:
             k = torch.cat((past_k[i], k), dim=1)                    # [KV, P+S, D]
             v = torch.cat((past_v[i], v), dim=1)
-        if not packed_kernel and causal_block and not explicit_masks(w):
+        if kernel_attention is None and causal_block and not explicit_masks(w):
             attn = block_causal_attention(cfg, q.transpose(0, 1), k, v, mask, scale, causal_block)
-        elif not packed_kernel:
+        elif kernel_attention is None:
             attn = prefill_attention(cfg, q.transpose(0, 1), k, v, mask, scale, fused=not explicit_masks(w))
         h = layer_residuals(w, i, h, attn)
     logits = final_logits(w, h.index_select(0, last_indices))
@@ -686,13 +684,41 @@ def packed_prefill(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
     cfg = w.cfg
     ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [T, 1, D]
     if w.kernels and input_ids.shape[0] <= PACKED_KERNEL_MAX_TOKENS:  # the kernel needs no mask
-        return prefill_layers(w, input_ids, ropes, {}, last_indices, packing=(positions, segments))
+        def attention(i, q, k, v):  # each token over its own prompt only
+            return torch.ops.kiln.packed_attention(q, k, v, positions, segments, cfg.attention_scale,
+                                                   cfg.layer_window(i) or 0, cfg.attn_logit_softcapping or 0.0)
+        return prefill_layers(w, input_ids, ropes, {}, last_indices, kernel_attention=attention)
     same = segments[None, :] == segments[:, None]
     masks = {}
     for window in cfg.layer_windows:
         mask = same & key_mask(cfg, positions[None, :], positions[:, None], window)
         masks[window] = additive_mask(mask, w["model.embed_tokens.weight"].dtype) if w.finite_masks else mask
     return prefill_layers(w, input_ids, ropes, masks, last_indices, causal_block=PACKED_ATTENTION_BLOCK)
+
+
+def ragged_prefill(w: Weights, input_ids: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor,
+                   slots: torch.Tensor, last_indices: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """packed_prefill whose prompts may resume after positions already in their cache slot (Kiln's kernels only).
+
+    input_ids [T]: segments one after another, then padding; each segment is a whole prompt or the rest of
+    one: its tokens sit at positions start, start + 1, ... (positions [T]), and starts [T] / slots [T] give each
+    token its segment's start and cache slot. A token attends to its slot's cached positions < start, then to
+    its own segment's tokens up to itself (within the sliding window). Padding tokens: position 0, start 0.
+    k_cache / v_cache: the runner's whole cache [L, rows, KV, positions, D], read in place (only positions
+    < start of each segment's slot). Returns logits [R, V] float32 at last_indices [R] and new_k/new_v
+    [L, KV, T, D] for the caller to write at each segment's positions of its slot.
+
+    NOTE: several prefix-cache hits' rests (and a long prompt's next chunk) run as one call: their projections
+    then run on 100s of rows at once, where one call each ran them on a few dozen rows at a tenth of the
+    matrix units' speed (docs/benchmarks.md, "Issue 13")."""
+    cfg = w.cfg
+    ropes = layer_ropes(w, positions, w["model.embed_tokens.weight"].dtype)  # cos, sin [T, 1, D]
+
+    def attention(i, q, k, v):
+        return torch.ops.kiln.ragged_attention(q, k, v, positions, starts, slots, k_cache[i], v_cache[i],
+                                               cfg.attention_scale, cfg.layer_window(i) or 0,
+                                               cfg.attn_logit_softcapping or 0.0)
+    return prefill_layers(w, input_ids, ropes, {}, last_indices, kernel_attention=attention)
 
 
 def split_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor,
@@ -797,6 +823,13 @@ class PackedPrefillGraph(PrefillGraph):
     def forward(self, weights: list[torch.Tensor], input_ids, positions, segments, last_indices):
         return packed_prefill(make_weights(self.cfg, weights, self.variant), input_ids, positions, segments,
                               last_indices)
+
+
+class RaggedPrefillGraph(PrefillGraph):
+    def forward(self, weights: list[torch.Tensor], input_ids, positions, starts, slots, last_indices, k_cache,
+                v_cache):
+        return ragged_prefill(make_weights(self.cfg, weights, self.variant), input_ids, positions, starts, slots,
+                              last_indices, k_cache, v_cache)
 
 
 class DecodeGraph(PrefillGraph):

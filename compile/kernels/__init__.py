@@ -2,7 +2,8 @@
 
 CPU_ONEDNN graphs call `torch.ops.kiln.decode_attention` (decode_attention.cpp: a decode step's attention,
 read from the KV cache in place), `torch.ops.kiln.packed_attention` (the same file: a packed prefill's attention,
-each token over its own prompt only), `torch.ops.kiln.rms_norm` (rms_norm.cpp: RMSNorm in one pass) and
+each token over its own prompt only), `torch.ops.kiln.ragged_attention` (the same file: a packed prefill whose
+prompts may resume after a past already in their cache slots), `torch.ops.kiln.rms_norm` (rms_norm.cpp: RMSNorm in one pass) and
 `torch.ops.kiln.int8_linear` (int8_linear.cpp: int8 weights times a few rows, at memory speed), and
 `torch.ops.kiln.rope` (rope.cpp: rope over q and k in one pass).
 The op is built with torch's own extension builder into KILN_KERNEL_DIR (default ~/.cache/kiln/kernels),
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-OPS = ("decode_attention", "packed_attention", "rms_norm", "int8_linear", "rope")
+OPS = ("decode_attention", "packed_attention", "ragged_attention", "rms_norm", "int8_linear", "rope")
 HEADERS = [Path(__file__).with_name("widen.h")]
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "rms_norm.cpp",
                                                                 "int8_linear.cpp", "rope.cpp")]
@@ -76,6 +77,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("kiln::packed_attention")
     def _(q, k, v, positions, segments, scale, window, softcap):
+        return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+    @torch.library.register_fake("kiln::ragged_attention")
+    def _(q, k, v, positions, starts, slots, k_cache, v_cache, scale, window, softcap):
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
     @torch.library.register_fake("kiln::rms_norm")

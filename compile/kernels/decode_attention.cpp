@@ -10,6 +10,10 @@
 // and query head group g of KV head h, the keys are the cached positions j < min(p, span) that the layer's
 // window allows (j > p - window when window > 0), plus the row's own new key at p:
 //   s_j = softcap(scale * q . k_j),   out = sum_j softmax(s)_j v_j   (softcap(x) = cap * tanh(x / cap); off at 0)
+//
+// Also here: kiln::packed_attention (a packed prefill: each token over its own prompt's tokens up to itself) and
+// kiln::ragged_attention (a packed prefill whose segments may resume a prompt after the positions already in their
+// cache slot: a prefix-cache hit's rest, or a later chunk of a long prompt).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -324,11 +329,24 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
 }
 
+// A ragged prefill's cache (kiln::ragged_attention): each token's segment start and slot, and which tokens are
+// one-token segments that resume (a decode row: its slot's cached positions, then itself).
+struct RaggedRows {
+  const int64_t* starts;
+  const int64_t* slots;
+  const uint8_t* single;
+  const at::Tensor* k_cache;  // [rows, KV, positions, D]
+  const at::Tensor* v_cache;
+};
+
 // Packed prefill: token t (at positions[t] of its prompt; a prompt's tokens sit together, positions 0, 1, ...)
 // attends to its own prompt's tokens up to itself: rows t - positions[t] .. t of k and v.
+// ragged (kiln::ragged_attention, else null): tokens of whole prompts (start 0) as above; a one-token segment that
+// resumes attends to its slot's cached positions < start, then itself, as a decode row does (attend); tokens of
+// longer resumed segments are left to attend_resumed.
 template <typename T, int DIM>
 void attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                   double scale_d, int64_t window, double cap_d, at::Tensor& out) {
+                   double scale_d, int64_t window, double cap_d, at::Tensor& out, const RaggedRows* ragged = nullptr) {
   const int64_t T_ = q.size(0), H = q.size(1), KV = k.size(1), G = H / KV;
   const int64_t D = DIM > 0 ? DIM : q.size(2);
   const float scale = static_cast<float>(scale_d), cap = static_cast<float>(cap_d);
@@ -339,13 +357,30 @@ void attend_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* op = out.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  const T* kc = ragged ? ragged->k_cache->template data_ptr<T>() : nullptr;
+  const T* vc = ragged ? ragged->v_cache->template data_ptr<T>() : nullptr;
+  const int64_t kcs0 = ragged ? ragged->k_cache->stride(0) : 0, kcs1 = ragged ? ragged->k_cache->stride(1) : 0;
+  const int64_t kcs2 = ragged ? ragged->k_cache->stride(2) : 0, vcs0 = ragged ? ragged->v_cache->stride(0) : 0;
+  const int64_t vcs1 = ragged ? ragged->v_cache->stride(1) : 0, vcs2 = ragged ? ragged->v_cache->stride(2) : 0;
   at::parallel_for(0, T_ * KV, 1, [&](int64_t begin, int64_t end) {
     RowBuffers buf;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / KV, h = item % KV;
+      const T* q_row = qp + t * qs0 + h * G * qs1;
+      const T* own_k = kp + t * ks0 + h * ks1;
+      const T* own_v = vp + t * vs0 + h * vs1;
+      T* dst = op + (t * H + h * G) * D;
+      if (ragged != nullptr && ragged->starts[t] > 0) {
+        if (!ragged->single[t]) continue;
+        const int64_t p = pos[t], slot = ragged->slots[t];
+        const int64_t lo = window > 0 ? std::max<int64_t>(p - window + 1, 0) : 0;
+        attend_row<T, DIM>(q_row, qs1, G, kc + slot * kcs0 + h * kcs1, kcs2, vc + slot * vcs0 + h * vcs1, vcs2,
+                           std::min(lo, p), p, own_k, own_v, D, scale, cap, dst, buf);
+        continue;
+      }
       const int64_t lo = window > 0 ? std::max(t - pos[t], t - window + 1) : t - pos[t];
-      attend_row<T, DIM>(qp + t * qs0 + h * G * qs1, qs1, G, kp + h * ks1, ks0, vp + h * vs1, vs0, lo, t,
-                         kp + t * ks0 + h * ks1, vp + t * vs0 + h * vs1, D, scale, cap, op + (t * H + h * G) * D, buf);
+      attend_row<T, DIM>(q_row, qs1, G, kp + h * ks1, ks0, vp + h * vs1, vs0, lo, t, own_k, own_v, D, scale, cap,
+                         dst, buf);
     }
   });
 }
@@ -364,13 +399,42 @@ void dispatch_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 void dispatch_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                     double scale, int64_t window, double cap, at::Tensor& out) {
+                     double scale, int64_t window, double cap, at::Tensor& out, const RaggedRows* ragged = nullptr) {
   switch (q.size(2)) {
-    case 64: return attend_packed<T, 64>(q, k, v, positions, scale, window, cap, out);
-    case 128: return attend_packed<T, 128>(q, k, v, positions, scale, window, cap, out);
-    case 256: return attend_packed<T, 256>(q, k, v, positions, scale, window, cap, out);
-    default: return attend_packed<T, 0>(q, k, v, positions, scale, window, cap, out);
+    case 64: return attend_packed<T, 64>(q, k, v, positions, scale, window, cap, out, ragged);
+    case 128: return attend_packed<T, 128>(q, k, v, positions, scale, window, cap, out, ragged);
+    case 256: return attend_packed<T, 256>(q, k, v, positions, scale, window, cap, out, ragged);
+    default: return attend_packed<T, 0>(q, k, v, positions, scale, window, cap, out, ragged);
   }
+}
+
+// A ragged prefill's segment that resumes a prompt: its n tokens (rows t0.. of q, k, v, at positions start..)
+// attend to the first `start` positions of their slot's cache rows, then to their own tokens up to themselves.
+// The G queries of a KV head become G * n rows of one SDPA head, so the keys are never repeated per query head.
+// NOTE: SDPA, not attend_row: its bf16 dot products run on the matrix units (oneDNN), where attend_row's
+// float32 FMAs took 6x longer for 448 tokens over a 1,000-token past on SmolLM2 (docs/benchmarks.md).
+void attend_resumed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_rows,
+                    const at::Tensor& v_rows, int64_t t0, int64_t n, int64_t start, double scale, int64_t window,
+                    double cap, at::Tensor& out) {
+  const int64_t H = q.size(1), KV = k.size(1), G = H / KV, D = q.size(2);
+  const at::Tensor queries = q.narrow(0, t0, n).reshape({n, KV, G, D}).permute({1, 2, 0, 3}).reshape({1, KV, G * n, D});
+  const at::Tensor keys = at::cat({k_rows.narrow(1, 0, start), k.narrow(0, t0, n).transpose(0, 1)}, 1).unsqueeze(0);
+  const at::Tensor values = at::cat({v_rows.narrow(1, 0, start), v.narrow(0, t0, n).transpose(0, 1)}, 1).unsqueeze(0);
+  const at::Tensor key_pos = at::arange(start + n, q.options().dtype(at::kLong)).unsqueeze(0);
+  const at::Tensor query_pos = at::arange(start, start + n, q.options().dtype(at::kLong)).unsqueeze(1);
+  at::Tensor allowed = key_pos <= query_pos;                         // [n, start + n]
+  if (window > 0) allowed = allowed.logical_and(key_pos > query_pos - window);
+  allowed = allowed.repeat({G, 1});                                 // row g * n + i: query head g, token i
+  at::Tensor result;
+  if (cap > 0) {  // attention soft-capping (Gemma 2): SDPA has none, so spelled out in float32
+    at::Tensor scores = at::matmul(queries.to(at::kFloat), keys.to(at::kFloat).transpose(-1, -2)) * scale;
+    scores = (scores / cap).tanh() * cap;
+    scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+    result = at::matmul(scores.softmax(-1), values.to(at::kFloat)).to(q.scalar_type());
+  } else {
+    result = at::scaled_dot_product_attention(queries, keys, values, allowed, 0.0, false, scale);
+  }
+  out.narrow(0, t0, n).view({n, KV, G, D}).permute({1, 2, 0, 3}).copy_(result.view({KV, G, n, D}));
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_span,
@@ -437,6 +501,62 @@ at::Tensor packed_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.view({T_, q.size(1) * q.size(2)});
 }
 
+at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                            const at::Tensor& starts, const at::Tensor& slots, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "kiln::ragged_attention: q [T, H, D], k/v [T, KV, D] with H a multiple of KV");
+  const int64_t T_ = q.size(0);
+  for (const at::Tensor* t : {&positions, &starts, &slots})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == T_ && t->scalar_type() == at::kLong,
+                "kiln::ragged_attention: positions, starts and slots must be int64 [T]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == k.size(1) &&
+                  k_cache.size(3) == k.size(2),
+              "kiln::ragged_attention: the cache must be [rows, KV, positions, D] of k's KV and D");
+  for (const at::Tensor* t : {&q, &k, &v, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "kiln::ragged_attention: q, k, v and the cache share one dtype");
+    TORCH_CHECK(t->stride(-1) == 1, "kiln::ragged_attention: the last dim of every input must be dense");
+    TORCH_CHECK(t->device().is_cpu(), "kiln::ragged_attention runs on the cpu");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              "kiln::ragged_attention: bfloat16 or float32 only, got ", q.scalar_type());
+  // The packing (compile/model.py ragged_prefill): a segment's first token sits at its start (0 for a whole prompt,
+  // else the cached positions of its slot it resumes after); every later token follows the one before it at the
+  // next position, with the same start and slot. Padding tokens are segments of one token at position 0.
+  const at::Tensor pos = positions.contiguous(), first = starts.contiguous(), slot = slots.contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* st = first.data_ptr<int64_t>();
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T_; ++t) {
+    TORCH_CHECK(st[t] >= 0 && p[t] >= st[t] && p[t] < k_cache.size(2) && sl[t] >= 0 && sl[t] < k_cache.size(0),
+                "kiln::ragged_attention: token ", t, " at position ", p[t], " (start ", st[t], ", slot ", sl[t],
+                ") is outside the cache [", k_cache.size(0), " rows, ", k_cache.size(2), " positions]");
+    TORCH_CHECK(p[t] == st[t] || (t > 0 && p[t - 1] == p[t] - 1 && st[t - 1] == st[t] && sl[t - 1] == sl[t]),
+                "kiln::ragged_attention: token ", t, " is not packed (a segment's tokens sit together at positions "
+                "start, start + 1, ...)");
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  std::vector<uint8_t> single(T_, 0);
+  for (int64_t t0 = 0; t0 < T_;) {  // segments that resume after a cached past, longer than one token
+    int64_t t1 = t0 + 1;
+    while (t1 < T_ && p[t1] != st[t1]) ++t1;
+    if (st[t0] > 0 && t1 - t0 > 1)
+      attend_resumed(q, k, v, k_cache.select(0, sl[t0]), v_cache.select(0, sl[t0]), t0, t1 - t0, st[t0], scale,
+                     window, softcap, out);
+    single[t0] = t1 - t0 == 1;
+    t0 = t1;
+  }
+  // whole prompts (each token over its own prompt only) and one-token resumed segments (decode rows)
+  const RaggedRows ragged{st, sl, single.data(), &k_cache, &v_cache};
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch_packed<c10::BFloat16>(q, k, v, pos, scale, window, softcap, out, &ragged);
+  } else {
+    dispatch_packed<float>(q, k, v, pos, scale, window, softcap, out, &ragged);
+  }
+  return out.view({T_, q.size(1) * q.size(2)});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kiln, m) {
@@ -444,9 +564,12 @@ TORCH_LIBRARY(kiln, m) {
         "float scale, int window, float softcap) -> Tensor");
   m.def("packed_attention(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor segments, float scale, int window, "
         "float softcap) -> Tensor");
+  m.def("ragged_attention(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor starts, Tensor slots, "
+        "Tensor k_cache, Tensor v_cache, float scale, int window, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("packed_attention", &packed_attention);
+  m.impl("ragged_attention", &ragged_attention);
 }

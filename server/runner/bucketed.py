@@ -44,11 +44,14 @@ class BucketedRunner(PlanExecutor):
         self.eos_token_ids = tuple(self.model.eos_token_ids)
         self.specs = [GraphSpec.from_dict(g) for g in manifest.graphs]
         self.chunk_specs = sorted(self.of_kind("prefill_chunk"), key=lambda s: (s.seq_len, s.kv_len))
+        # cpu: packed prefills that also take prompts resuming after their slot's cached positions
+        self.ragged = sorted(self.of_kind("prefill_ragged"), key=lambda s: s.seq_len)
+        resumable = self.chunk_specs + self.ragged
         # tokens a later chunk of a long prompt may have (the scheduler cuts long prompts to it)
-        self.chunk_len = max((s.seq_len for s in self.chunk_specs), default=self.context_buckets[-1])
+        self.chunk_len = max((s.seq_len for s in resumable), default=self.context_buckets[-1])
         # KV rows past num_slots that the prefix cache stores finished sequences in (cache rows
-        # num_slots .. num_slots + prefix_cache_rows - 1); none without chunk graphs to resume a prompt.
-        self.prefix_cache_rows = manifest.prefix_cache_rows if self.chunk_specs else 0
+        # num_slots .. num_slots + prefix_cache_rows - 1); none without graphs to resume a prompt.
+        self.prefix_cache_rows = manifest.prefix_cache_rows if resumable else 0
 
     def of_kind(self, kind: str) -> list[GraphSpec]:
         return [s for s in self.specs if s.kind == kind]

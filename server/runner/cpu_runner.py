@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,6 +27,12 @@ def check_host(manifest: Manifest, path: Path) -> None:
         if problem := onednn_problem(torch_dtype(manifest.dtype)):
             raise ArtifactError(f"{where}: graphs compiled with --cpu-kernels {CPU_ONEDNN}, but {problem}; "
                                 f"recompile with --cpu-kernels portable")
+
+
+# A step's decode rows ride its prefill call (CpuRunner.fused_decode) when that call's graph grows by at most this
+# many tokens for them. NOTE: on the 2-vCPU Intel host a SmolLM2 decode call costs 24-39 ms at 1-8 rows and a ragged
+# prefill about 0.18 ms more per token of its bucket, so 128 more tokens cost less than the call they replace.
+FUSE_MAX_EXTRA_TOKENS = 128
 
 
 class CpuRunner(BucketedRunner):
@@ -56,45 +62,70 @@ class CpuRunner(BucketedRunner):
 
     # ---- prefill ------------------------------------------------------------------------------
     def prefill_groups(self, chunks: Sequence) -> list[list]:
-        """Whole prompts (and first chunks) packed end to end into as few calls as fit the largest
-        packed graph; a later chunk of a long prompt runs alone on the chunk graph."""
+        """Chunks packed end to end, in order, into as few calls as the packed graphs take: whole prompts
+        (and first chunks) into any, prompts that resume after cached positions (a prefix-cache hit's rest, a
+        long prompt's later chunk) only into the ragged ones; without those, such a chunk runs alone on the
+        chunk graph."""
         groups: list[list] = []
-        largest = self.packed[-1]
         for chunk in chunks:
-            last = groups[-1] if groups else None
-            if (chunk.start_pos == 0 and last and last[0].start_pos == 0 and len(last) < largest.batch
-                    and sum(len(c.token_ids) for c in last) + len(chunk.token_ids) <= largest.seq_len):
-                last.append(chunk)
+            if groups and self.packed_spec(groups[-1] + [chunk]) is not None:
+                groups[-1].append(chunk)
             else:
                 groups.append([chunk])
         return groups
 
+    def packed_spec(self, chunks: Sequence) -> Optional[GraphSpec]:
+        """The smallest packed (or ragged) graph that takes these chunks in one call, None if none does."""
+        total = sum(len(c.token_ids) for c in chunks)
+        resumes = any(c.start_pos > 0 for c in chunks)
+        graphs = self.ragged if resumes else self.ragged + self.packed
+        fitting = [s for s in graphs if s.seq_len >= total and s.batch >= len(chunks)]
+        return min(fitting, key=lambda s: s.seq_len) if fitting else None
+
+    def fused_decode(self, decode, group: Sequence) -> Optional[list]:
+        """With ragged graphs: decode row i (slot i, at its position) is a one-token segment that resumes after
+        its cached positions, so it can ride the step's first prefill call, when that call's graph grows by at
+        most FUSE_MAX_EXTRA_TOKENS for it."""
+        if not self.ragged:
+            return None
+        rows = [Chunk(slot, [token], start_pos=position)
+                for slot, (token, position) in enumerate(zip(decode.token_ids, decode.positions))]
+        fused, alone = self.packed_spec(rows + list(group)), self.packed_spec(group)
+        if fused is None or alone is None or fused.seq_len > alone.seq_len + FUSE_MAX_EXTRA_TOKENS:
+            return None
+        return rows + list(group)
+
     def run_prefill(self, chunks: Sequence) -> RunnerOutput:
-        if len(chunks) == 1 and chunks[0].start_pos > 0:
-            return self.run_chunk(self.prefill_spec(len(chunks[0].token_ids), chunks[0].start_pos), chunks[0])
-        if any(c.start_pos != 0 for c in chunks):
-            raise ValueError("only whole prompts (first chunks) can be packed")
         lengths = [len(c.token_ids) for c in chunks]
-        total = sum(lengths)
-        fitting = [s for s in self.packed if s.seq_len >= total and s.batch >= len(chunks)]
-        if not fitting or min(lengths) < 1:
-            raise ValueError(f"a packed prefill of {len(chunks)} prompts, {total} tokens, fits no graph")
-        spec = fitting[0]
-        ids, positions, segments, ends = [], [], [], []
+        if min(lengths) < 1:
+            raise ValueError("an empty prefill chunk")
+        spec = self.packed_spec(chunks)
+        if spec is None and len(chunks) == 1 and chunks[0].start_pos > 0:
+            return self.run_chunk(self.prefill_spec(lengths[0], chunks[0].start_pos), chunks[0])
+        if spec is None:
+            raise ValueError(f"a packed prefill of {len(chunks)} prompts, {sum(lengths)} tokens"
+                             f"{' (some resuming)' if any(c.start_pos for c in chunks) else ''}, fits no graph")
+        ids, positions, starts, slots, segments, ends = [], [], [], [], [], []
         for i, c in enumerate(chunks):
+            n = len(c.token_ids)
             ids += c.token_ids
-            positions += range(len(c.token_ids))
-            segments += [i] * len(c.token_ids)
+            positions += range(c.start_pos, c.end_pos)
+            starts += [c.start_pos] * n
+            slots += [c.slot] * n
+            segments += [i] * n
             ends.append(len(ids) - 1)
         last = self.padded(ends, spec.batch, fill=ends[-1])
-        # padding: a segment of its own (len(chunks)), so no prompt attends to it
-        (logits, new_k, new_v), run = self._run(
-            "prefill", spec, total, spec.seq_len, self.padded(ids, spec.seq_len),
-            self.padded(positions, spec.seq_len), self.padded(segments, spec.seq_len, fill=len(chunks)), last)
+        total, padded_ids, padded_pos = len(ids), self.padded(ids, spec.seq_len), self.padded(positions, spec.seq_len)
+        if spec.kind == "prefill_ragged":  # padding: position 0, start 0 (a segment of one token each)
+            inputs = (self.padded(starts, spec.seq_len), self.padded(slots, spec.seq_len), last,
+                      self.k_cache, self.v_cache)
+        else:  # padding: a segment of its own (len(chunks)), so no prompt attends to it
+            inputs = (self.padded(segments, spec.seq_len, fill=len(chunks)), last)
+        (logits, new_k, new_v), run = self._run("prefill", spec, total, spec.seq_len, padded_ids, padded_pos, *inputs)
         offset = 0
         for c, n in zip(chunks, lengths):
-            self.k_cache[:, c.slot, :, :n] = new_k[:, :, offset:offset + n]
-            self.v_cache[:, c.slot, :, :n] = new_v[:, :, offset:offset + n]
+            self.k_cache[:, c.slot, :, c.start_pos:c.end_pos] = new_k[:, :, offset:offset + n]
+            self.v_cache[:, c.slot, :, c.start_pos:c.end_pos] = new_v[:, :, offset:offset + n]
             offset += n
         return RunnerOutput(logits=logits[:len(chunks)], run=run)
 
@@ -144,6 +175,9 @@ class CpuRunner(BucketedRunner):
         if spec.kind == "prefill_packed":
             per = spec.seq_len // spec.batch
             self.run_prefill([Chunk(i, [0] * per) for i in range(spec.batch)])
+        elif spec.kind == "prefill_ragged":  # a whole prompt and one that resumes (both attention paths)
+            half = spec.seq_len // 2
+            self.run_prefill([Chunk(0, [0] * half), Chunk(1, [0] * (spec.seq_len - half), start_pos=half)])
         else:
             super().warmup_calls(spec)
 

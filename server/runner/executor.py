@@ -2,12 +2,14 @@
 
 A runner provides the primitives (copy_slot, decode, and run_prefill for a group of chunks that
 one graph call takes); how chunks are grouped is the runner's own choice (prefill_groups: one
-per call by default, packed on the cpu target). Rows of logits are gathered in the order of
-plan.sampling_rows: decode rows, then each completed prompt for its sequence and its forks.
+per call by default, packed on the cpu target), and so is whether the decode rows run in a decode
+graph or ride the first prefill call as one-token chunks (fused_decode: cpu ragged graphs). Rows of
+logits are gathered in the order of plan.sampling_rows: decode rows, then each completed prompt for
+its sequence and its forks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,6 +38,11 @@ class PlanExecutor:
         """How the step's chunks map onto graph calls (in order)."""
         return [[chunk] for chunk in chunks]
 
+    def fused_decode(self, decode, group: Sequence) -> Optional[list]:
+        """The step's decode rows as one-token chunks ahead of its first prefill group, to run as one call
+        where the runner can and it costs less than a decode call of their own; None: apart (the default)."""
+        return None
+
     # ---- the step -----------------------------------------------------------------------------
     def execute(self, plan) -> ExecuteOutput:
         runs: list[BucketRun] = []
@@ -43,11 +50,15 @@ class PlanExecutor:
         with torch.inference_mode():
             for copy in plan.copies:
                 self.copy_slot(copy.src, copy.dst, copy.length)
-            if plan.decode.seqs:
+            groups = self.prefill_groups(plan.prefills)
+            fused = self.fused_decode(plan.decode, groups[0]) if plan.decode.seqs and groups else None
+            if fused is not None:  # decode rows first: their logits rows come first, as sampling_rows has them
+                groups[0] = fused
+            elif plan.decode.seqs:
                 out = self.decode(plan.decode.token_ids, plan.decode.positions)
                 runs.append(out.run)
                 logits.append(out.logits)
-            for group in self.prefill_groups(plan.prefills):
+            for group in groups:
                 out = self.run_prefill(group)
                 runs.append(out.run)
                 for row, chunk in enumerate(group):

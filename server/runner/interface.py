@@ -5,7 +5,8 @@ plan (server.engine.scheduler.SchedulerOutput) and gets back the sampled tokens:
 
     execute(plan) -> ExecuteOutput(token_ids, logprobs, runs)
 
-runs, in this order: the plan's slot copies; one decode graph for slots 0..d-1; the prefill
+runs, in this order: the plan's slot copies; one decode graph for slots 0..d-1 (on cpu ragged graphs
+the decode rows may instead ride the first prefill call, as one-token chunks); the prefill
 chunks (a target may pack several prompts into one graph call), each chunk that completes a
 prompt followed by copies of its slot into `fork_slots`; then the sampler over the logits of
 plan.sampling_rows. Slot discipline (why decode takes no slot list): the cache is `num_slots`

@@ -157,11 +157,14 @@ def test_loader_returns_runner_bound_to_one_weight_copy(tiny_artifact):
 
 
 def test_cpu_chunk_graphs_are_picked_by_chunk_size_then_past_span(tiny_artifact):
-    """The tiny cpu artifact has chunk graphs s64 at spans 64 and 128: the rest of a prompt after a
-    prefix-cache hit runs on the smallest span that holds its past (positions < start_pos)."""
+    """The tiny cpu plan without Kiln's kernels has chunk graphs s64 at spans 64 and 128: the rest of a prompt
+    after a prefix-cache hit runs on the smallest span that holds its past (positions < start_pos)."""
+    from compile.buckets import plan_graphs
     from compile.manifest import Manifest
     from server.runner.bucketed import BucketedRunner
-    runner = BucketedRunner(Manifest.read(tiny_artifact))
+    manifest = Manifest.read(tiny_artifact)
+    manifest.graphs = [s.to_dict() for s in plan_graphs(CompileConfig(checkpoint="-", **TINY_ARTIFACT_SETTINGS))]
+    runner = BucketedRunner(manifest)
     assert [s.name for s in runner.chunk_specs] == ["prefill_chunk_s64_p64", "prefill_chunk_s64_p128"]
     assert runner.prefill_spec(10, 30).name == "prefill_chunk_s64_p64"
     assert runner.prefill_spec(10, 64).name == "prefill_chunk_s64_p64"
@@ -169,6 +172,79 @@ def test_cpu_chunk_graphs_are_picked_by_chunk_size_then_past_span(tiny_artifact)
     for n, start in ((65, 10), (20, 110)):
         with pytest.raises(ValueError, match="does not fit the chunk graphs"):
             runner.prefill_spec(n, start)
+
+
+def test_graphs_with_kernels_take_resumed_prompts_in_packed_calls_instead_of_chunk_graphs():
+    """cpu graphs that call Kiln's kernels: packed prefills up to 512 tokens are ragged (at the chunk sizes too),
+    so no chunk graphs are compiled when they cover chunk_len; without the kernels the plan is as before."""
+    from compile.buckets import plan_graphs
+    cfg = CompileConfig(checkpoint="-", target="cpu", context_buckets=(128, 256, 512, 1024, 2048),
+                        max_model_len=2048)
+    names = [s.name for s in plan_graphs(cfg, ragged_max_tokens=512) if s.kind != "decode"]
+    assert names == ["prefill_ragged_s64_r16", "prefill_ragged_s128_r16", "prefill_ragged_s256_r16",
+                     "prefill_ragged_s512_r16", "prefill_packed_s1024_r16", "prefill_packed_s2048_r16"]
+    without = [s.kind for s in plan_graphs(cfg)]
+    assert "prefill_ragged" not in without and "prefill_chunk" in without
+
+
+def test_ragged_calls_give_what_one_call_per_chunk_gives(tiny_artifact):
+    """Rests of prompts after cached positions (in other slots) and whole prompts, packed into one ragged call,
+    give each chunk's logits and K/V as running it alone does (float32)."""
+    from server.runner.bucketed import Chunk
+    runner = load_artifact(tiny_artifact).runner
+    if not runner.ragged:
+        pytest.skip("no ragged graphs (Kiln's kernels cannot be built here)")
+    gen = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(0, runner.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
+    runner.clear_cache()
+    pasts = {1: ids(40), 2: ids(60)}
+    for slot, past in pasts.items():
+        runner.prefill(slot, past)
+    chunks = [Chunk(0, ids(9)), Chunk(1, ids(12), start_pos=40), Chunk(2, ids(1), start_pos=60),
+              Chunk(3, ids(20))]
+    assert runner.prefill_groups(chunks) == [chunks]   # one call for all four
+    together = runner.run_prefill(chunks)
+    assert together.run.bucket.startswith("prefill_ragged_s64")
+    k_together = runner.k_cache.clone()
+    for i, chunk in enumerate(chunks):
+        alone = runner.run_prefill([chunk])
+        torch.testing.assert_close(alone.logits[0], together.logits[i], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runner.k_cache, k_together, atol=1e-5, rtol=1e-5)
+    # the same rests through the whole prompts they end: same last logits
+    whole = runner.run_prefill([Chunk(1, pasts[1] + chunks[1].token_ids)])
+    torch.testing.assert_close(whole.logits[0], together.logits[1], atol=1e-4, rtol=1e-4)
+    # a rest too long for the ragged graphs together with another starts a second call
+    assert len(runner.prefill_groups([Chunk(1, ids(50), start_pos=40), Chunk(2, ids(20), start_pos=60)])) == 2
+
+
+def test_decode_rows_ride_a_prefill_call_and_give_what_a_decode_call_gives(tiny_artifact):
+    """With ragged graphs a step's decode rows are one-token segments ahead of its first prefill group, in one call
+    (float32: the decode graph's logits and K/V)."""
+    from server.engine.scheduler import DecodeBatch
+    from server.runner.bucketed import Chunk
+    runner = load_artifact(tiny_artifact).runner
+    if not runner.ragged:
+        pytest.skip("no ragged graphs (Kiln's kernels cannot be built here)")
+    gen = torch.Generator().manual_seed(4)
+    ids = lambda n: torch.randint(0, runner.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
+    runner.clear_cache()
+    for slot, n in ((0, 20), (1, 33), (2, 30)):
+        runner.prefill(slot, ids(n))
+    decode = DecodeBatch(token_ids=[5, 6], positions=[20, 33])
+    group = [Chunk(2, ids(8), start_pos=30), Chunk(3, ids(5))]
+    fused = runner.fused_decode(decode, group)
+    assert [(c.slot, c.start_pos, len(c.token_ids)) for c in fused] == [(0, 20, 1), (1, 33, 1), (2, 30, 8), (3, 0, 5)]
+    before = runner.k_cache.clone(), runner.v_cache.clone()
+    together = runner.run_prefill(fused)
+    after = runner.k_cache.clone(), runner.v_cache.clone()
+    runner.k_cache.copy_(before[0])
+    runner.v_cache.copy_(before[1])
+    apart, prefill = runner.decode([5, 6], [20, 33]), runner.run_prefill(group)
+    torch.testing.assert_close(together.logits[:2], apart.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.logits[2:], prefill.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((runner.k_cache, runner.v_cache), after, atol=1e-5, rtol=1e-5)
+    # rows that no graph takes with the group: a decode call of their own
+    assert runner.fused_decode(decode, [Chunk(3, ids(63))]) is None
 
 
 def test_recompile_same_inputs_is_a_noop(tiny_llama_dir, tiny_artifact):

@@ -108,6 +108,88 @@ def test_packed_attention_refuses_tokens_that_are_not_packed():
         torch.ops.kiln.packed_attention(q, kv, kv, torch.tensor([0, 1, 2, 3]), segments, 1.0, 0, 0.0)
 
 
+def ragged_layout(segments, total):
+    """positions, starts, slots [total] for segments (slot, start, n) packed in order, then padding."""
+    positions, starts, slots = [], [], []
+    for slot, start, n in segments:
+        positions += range(start, start + n)
+        starts += [start] * n
+        slots += [slot] * n
+    pad = total - len(positions)
+    return (torch.tensor(x + [0] * pad) for x in (positions, starts, slots))
+
+
+def reference_ragged_attention(q, k, v, positions, starts, slots, k_cache, v_cache, scale, window, cap):
+    """Each token over its slot's cached positions < its segment's start, then its segment's tokens up to
+    itself, in float64."""
+    t, heads, d = q.shape
+    groups = heads // k.shape[1]
+    out = torch.empty(t, heads, d, dtype=torch.float64)
+    for i in range(t):
+        p, start, slot = int(positions[i]), int(starts[i]), int(slots[i])
+        first = i - (p - start)
+        keys = torch.cat((k_cache[slot, :, :start], k[first:i + 1].transpose(0, 1)), 1).double()
+        values = torch.cat((v_cache[slot, :, :start], v[first:i + 1].transpose(0, 1)), 1).double()
+        key_pos = torch.arange(keys.shape[1])
+        allowed = key_pos > p - window if window else torch.ones_like(key_pos, dtype=torch.bool)
+        for h in range(heads):
+            scores = keys[h // groups] @ q[i, h].double() * scale
+            if cap:
+                scores = torch.tanh(scores / cap) * cap
+            out[i, h] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), 0) @ values[h // groups]
+    return out.reshape(t, heads * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 6, 2), (32, 4, 4)])
+@pytest.mark.parametrize("window,cap", [(0, 0.0), (6, 0.0), (0, 20.0)])
+def test_ragged_attention_matches_each_token_over_its_past_and_its_segment(dtype, head_dim, heads, kv_heads, window,
+                                                                          cap):
+    g = torch.Generator().manual_seed(head_dim + window)
+    # a whole prompt, a rest after 30 cached positions, a one-token rest, a whole one-token prompt, a rest, padding
+    segments, total = [(0, 0, 5), (2, 30, 7), (3, 9, 1), (1, 0, 1), (4, 3, 4)], 24
+    positions, starts, slots = ragged_layout(segments, total)
+    q = torch.randn(total, heads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(total, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    # the runner's cache: [rows, KV, positions, D] of one layer, a view into [L, rows, ...] (not contiguous)
+    k_cache, v_cache = (torch.randn(2, 6, kv_heads, 48, head_dim, generator=g).to(dtype)[1] for _ in range(2))
+    out = torch.ops.kiln.ragged_attention(q, k, v, positions, starts, slots, k_cache, v_cache, 0.2, window, cap)
+    ref = reference_ragged_attention(q, k, v, positions, starts, slots, k_cache, v_cache, 0.2, window, cap)
+    real = sum(n for _, _, n in segments)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == (total, heads * head_dim) and out.dtype == dtype
+    torch.testing.assert_close(out[:real].double(), ref[:real], atol=tol, rtol=tol)
+    # whole prompts: what kiln.packed_attention gives them
+    segment_ids = torch.tensor([i for i, (_, _, n) in enumerate(segments) for _ in range(n)] + [9] * (total - real))
+    packed = torch.ops.kiln.packed_attention(q, k, v, positions - starts, segment_ids, 0.2, window, cap)
+    whole = (starts == 0)[:real]
+    assert torch.equal(out[:real][whole], packed[:real][whole])
+
+
+def test_ragged_attention_reads_only_the_positions_before_each_start():
+    """A slot's positions at or past the segment's start (stale K/V, or what this call writes) never count."""
+    g = torch.Generator().manual_seed(1)
+    positions, starts, slots = ragged_layout([(1, 6, 3), (0, 2, 2)], 6)
+    q, k, v = torch.randn(6, 2, 64, generator=g), torch.randn(6, 1, 64, generator=g), torch.randn(6, 1, 64, generator=g)
+    k_cache, v_cache = torch.randn(2, 1, 16, 64, generator=g), torch.randn(2, 1, 16, 64, generator=g)
+    before = torch.ops.kiln.ragged_attention(q, k, v, positions, starts, slots, k_cache, v_cache, 0.125, 0, 0.0)
+    k_cache[1, :, 6:], v_cache[0, :, 2:] = float("nan"), 1e4
+    after = torch.ops.kiln.ragged_attention(q, k, v, positions, starts, slots, k_cache, v_cache, 0.125, 0, 0.0)
+    assert torch.equal(after, before)
+
+
+def test_ragged_attention_refuses_bad_layouts():
+    q, kv, cache = torch.zeros(4, 2, 32), torch.zeros(4, 1, 32), torch.zeros(2, 1, 8, 32)
+    call = lambda p, st, sl: torch.ops.kiln.ragged_attention(  # noqa: E731
+        q, kv, kv, torch.tensor(p), torch.tensor(st), torch.tensor(sl), cache, cache, 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="token 2 is not packed"):     # a new slot without a new segment
+        call([3, 4, 5, 6], [3, 3, 3, 3], [0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match=r"token 0 at position 8 .* outside the cache \[2 rows, 8 positions\]"):
+        call([8, 0, 0, 0], [8, 0, 0, 0], [0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match=r"token 1 .*slot 2\) is outside the cache"):
+        call([0, 0, 0, 0], [0, 0, 0, 0], [0, 2, 0, 0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 40), (3, 5, 32)])
 def test_rms_norm_matches_torch(dtype, shape):
@@ -193,7 +275,8 @@ def test_onednn_graphs_call_the_kernels_and_a_host_without_them_refuses_in_one_l
     from compile.manifest import Manifest
     if _variant(tiny_artifact) != compile.model.CPU_ONEDNN:
         pytest.skip("oneDNN cannot pack here: the artifact is portable")
-    assert _kiln_targets(tiny_artifact) == {"kiln.decode_attention.default", "kiln.packed_attention.default",
+    # every prefill bucket of the tiny artifact is at most 512 tokens: all are ragged (kiln.ragged_attention)
+    assert _kiln_targets(tiny_artifact) == {"kiln.decode_attention.default", "kiln.ragged_attention.default",
                                             "kiln.rms_norm.default", "kiln.rope.default"}
     decode = next(g for g in Manifest.read(tiny_artifact).graphs if g["kind"] == "decode")
     monkeypatch.setattr(kernels, "problem", lambda: "cannot build Kiln's cpu kernels here (no compiler)")

@@ -47,7 +47,7 @@ def test_a_conversation_gives_the_same_tokens_with_and_without_the_cache(loaded,
     assert cached[0] == 0 and all(c > 20 for c in cached[1:])
 
 
-def test_a_shared_system_prompt_is_prefilled_once(loaded):
+def test_a_shared_system_prompt_is_prefilled_once(loaded, monkeypatch):
     loaded.runner.clear_cache()
     tok = loaded.tokenizer
     system = tok.encode("System: you answer questions about the weather in one short sentence. " * 2)
@@ -58,7 +58,11 @@ def test_a_shared_system_prompt_is_prefilled_once(loaded):
     loaded.runner.clear_cache()
     warm = LLMEngine(loaded.runner, loaded.tokenizer, EngineConfig())
     first = warm.generate(prompts[:1], params)[0]
+    calls, run_prefill = [], loaded.runner.run_prefill
+    monkeypatch.setattr(loaded.runner, "run_prefill", lambda chunks: calls.append(chunks) or run_prefill(chunks))
     rest = warm.generate(prompts[1:], params)
+    if loaded.runner.ragged:  # the three rests after the cached system prompt run in one call
+        assert [[c.start_pos >= len(system) for c in call] for call in calls] == [[True, True, True]]
     assert [first.outputs[0].token_ids] + [o.outputs[0].token_ids for o in rest] == want
     assert first.num_cached_tokens == 0
     assert all(o.num_cached_tokens >= len(system) for o in rest)
