@@ -187,16 +187,22 @@ def test_graphs_with_kernels_take_resumed_prompts_in_packed_calls_instead_of_chu
     assert "prefill_ragged" not in without and "prefill_chunk" in without
 
 
-def test_ragged_calls_give_what_one_call_per_chunk_gives(tiny_artifact):
-    """Rests of prompts after cached positions (in other slots) and whole prompts, packed into one ragged call,
-    give each chunk's logits and K/V as running it alone does (float32)."""
-    from server.runner.bucketed import Chunk
+@pytest.fixture
+def ragged_runner(tiny_artifact):
+    """The tiny artifact's runner with an empty cache, and random prompts for it; skips without ragged graphs."""
     runner = load_artifact(tiny_artifact).runner
     if not runner.ragged:
         pytest.skip("no ragged graphs (Kiln's kernels cannot be built here)")
-    gen = torch.Generator().manual_seed(3)
-    ids = lambda n: torch.randint(0, runner.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
     runner.clear_cache()
+    gen = torch.Generator().manual_seed(3)
+    return runner, lambda n: torch.randint(0, runner.vocab_size, (n,), generator=gen).tolist()
+
+
+def test_ragged_calls_give_what_one_call_per_chunk_gives(ragged_runner):
+    """Rests of prompts after cached positions (in other slots) and whole prompts, packed into one ragged call,
+    give each chunk's logits and K/V as running it alone does (float32)."""
+    from server.runner.bucketed import Chunk
+    runner, ids = ragged_runner
     pasts = {1: ids(40), 2: ids(60)}
     for slot, past in pasts.items():
         runner.prefill(slot, past)
@@ -217,17 +223,12 @@ def test_ragged_calls_give_what_one_call_per_chunk_gives(tiny_artifact):
     assert len(runner.prefill_groups([Chunk(1, ids(50), start_pos=40), Chunk(2, ids(20), start_pos=60)])) == 2
 
 
-def test_decode_rows_ride_a_prefill_call_and_give_what_a_decode_call_gives(tiny_artifact):
+def test_decode_rows_ride_a_prefill_call_and_give_what_a_decode_call_gives(ragged_runner):
     """With ragged graphs a step's decode rows are one-token segments ahead of its first prefill group, in one call
     (float32: the decode graph's logits and K/V)."""
     from server.engine.scheduler import DecodeBatch
     from server.runner.bucketed import Chunk
-    runner = load_artifact(tiny_artifact).runner
-    if not runner.ragged:
-        pytest.skip("no ragged graphs (Kiln's kernels cannot be built here)")
-    gen = torch.Generator().manual_seed(4)
-    ids = lambda n: torch.randint(0, runner.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
-    runner.clear_cache()
+    runner, ids = ragged_runner
     for slot, n in ((0, 20), (1, 33), (2, 30)):
         runner.prefill(slot, ids(n))
     decode = DecodeBatch(token_ids=[5, 6], positions=[20, 33])
