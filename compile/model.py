@@ -28,8 +28,9 @@ q/k/v and gate/up fused into one matrix each and every projection prepacked for 
 (compile/cpu_kernels.py builds that list at load time from the same stored weights): a decode
 step is bound by reading the weights, and packed, fused matmuls read them 1.3-1.5x faster. They
 also call Kiln's own C++ kernels where the host can build them (compile/kernels: decode attention read
-from the cache in place up to each row's length, a packed prefill's attention over each prompt's own tokens,
-RMSNorm in one pass, int8 weights times a few rows);
+from the cache in place up to each row's length, a packed prefill's attention over each prompt's own tokens or,
+in a ragged prefill, also over the cached positions a resumed prompt continues, RMSNorm in one pass, rope,
+int8 weights times a few rows);
 without them, decode attention appends the new token's K/V to short spans (appended_attention) where
 PORTABLE graphs never copy the span (split_attention).
 """

@@ -3,9 +3,9 @@
 CPU_ONEDNN graphs call `torch.ops.kiln.decode_attention` (decode_attention.cpp: a decode step's attention,
 read from the KV cache in place), `torch.ops.kiln.packed_attention` (the same file: a packed prefill's attention,
 each token over its own prompt only), `torch.ops.kiln.ragged_attention` (the same file: a packed prefill whose
-prompts may resume after a past already in their cache slots), `torch.ops.kiln.rms_norm` (rms_norm.cpp: RMSNorm in one pass) and
-`torch.ops.kiln.int8_linear` (int8_linear.cpp: int8 weights times a few rows, at memory speed), and
-`torch.ops.kiln.rope` (rope.cpp: rope over q and k in one pass).
+prompts may resume after a past already in their cache slots), `torch.ops.kiln.rms_norm` (rms_norm.cpp:
+RMSNorm in one pass), `torch.ops.kiln.int8_linear` (int8_linear.cpp: int8 weights times a few rows, at memory
+speed) and `torch.ops.kiln.rope` (rope.cpp: rope over q and k in one pass).
 The op is built with torch's own extension builder into KILN_KERNEL_DIR (default ~/.cache/kiln/kernels),
 once per host kind and source version, and loaded into the process before a graph that calls it is
 traced or loaded. A host that cannot build it (no C++ compiler) gets one line saying why; compile then
