@@ -292,7 +292,7 @@ void attend_row(const T* q, int64_t q_stride, int64_t G, const T* keys, int64_t 
   for (int64_t g = 0; g < G; g += GB)
     values_of<T, DIM>(std::min(GB, G - g), buf.scores.data() + g * n, values, vstride, lo, n, own_v, D,
                       buf.acc.data() + g * D);
-  for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<T>(buf.acc[i]);
+  for (int64_t i = 0; i < G * D; ++i) kiln::narrow_store(dst + i, buf.acc[i]);
 }
 
 template <typename T, int DIM>

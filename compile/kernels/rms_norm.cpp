@@ -32,7 +32,7 @@ void norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t h, int64_t x_
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
       T* yr = y + r * h;
 #pragma omp simd
-      for (int64_t i = 0; i < h; ++i) yr[i] = static_cast<T>(widen(xr[i]) * inv * (widen(w[i]) + add_one));
+      for (int64_t i = 0; i < h; ++i) kiln::narrow_store(yr + i, widen(xr[i]) * inv * (widen(w[i]) + add_one));
     }
   });
 }

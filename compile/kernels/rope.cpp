@@ -23,17 +23,7 @@ namespace {
 
 using kiln::widen;
 
-// x rounded to the nearest bfloat16 (ties to even), as a float: a bit trick that vectorises (NaN is not kept).
-inline float round_bf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  float y;
-  std::memcpy(&y, &bits, sizeof y);
-  return y;
-}
-
-inline float round_to(float x, c10::BFloat16*) { return round_bf16(x); }
+inline float round_to(float x, c10::BFloat16*) { return kiln::round_bf16(x); }
 inline float round_to(float x, float*) { return x; }
 
 template <typename T>

@@ -26,6 +26,26 @@ inline float widen(c10::BFloat16 x) {  // bf16 is float32's upper half: a 16-bit
   return f;
 }
 
+// x rounded to the nearest bfloat16 (ties to even), as a float: a bit trick that vectorises, where the scalar
+// c10::BFloat16 conversion (a NaN branch) kept loops from vectorising. A NaN stays non-finite (maybe as inf).
+inline float round_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float y;
+  std::memcpy(&y, &bits, sizeof y);
+  return y;
+}
+
+// Store x in the dtype of dst: float as is; bfloat16 rounded to nearest, ties to even (round_bf16).
+inline void narrow_store(float* dst, float x) { *dst = x; }
+inline void narrow_store(c10::BFloat16* dst, float x) {
+  const float r = round_bf16(x);
+  uint32_t bits;
+  std::memcpy(&bits, &r, sizeof bits);
+  dst->x = static_cast<uint16_t>(bits >> 16);
+}
+
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
