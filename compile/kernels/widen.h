@@ -26,12 +26,15 @@ inline float widen(c10::BFloat16 x) {  // bf16 is float32's upper half: a 16-bit
   return f;
 }
 
-// x rounded to the nearest bfloat16 (ties to even), as a float: a bit trick that vectorises, where the scalar
-// c10::BFloat16 conversion (a NaN branch) kept loops from vectorising. A NaN stays non-finite (maybe as inf).
+// x rounded to the nearest bfloat16 (ties to even), as a float: bit arithmetic and a select that vectorise, where
+// the scalar c10::BFloat16 conversion (a NaN branch) kept loops from vectorising. A NaN stays a quiet NaN (the
+// rounding alone could carry some NaN payloads into infinity or zero).
 inline float round_bf16(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t quiet_nan = (bits | 0x00400000u) & 0xFFFF0000u;
+  bits = (bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
   float y;
   std::memcpy(&y, &bits, sizeof y);
   return y;
