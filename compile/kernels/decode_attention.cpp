@@ -411,8 +411,9 @@ void dispatch_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // A ragged prefill's segment that resumes a prompt: its n tokens (rows t0.. of q, k, v, at positions start..)
 // attend to the first `start` positions of their slot's cache rows, then to their own tokens up to themselves.
 // The G queries of a KV head become G * n rows of one SDPA head, so the keys are never repeated per query head.
-// NOTE: SDPA, not attend_row: its bf16 dot products run on the matrix units (oneDNN), where attend_row's
-// float32 FMAs took 6x longer for 448 tokens over a 1,000-token past on SmolLM2 (docs/benchmarks.md).
+// NOTE: SDPA, not attend_row: its bf16 dot products run on the matrix units (oneDNN), about 400 GFLOP/s for 8
+// rests of 56 tokens over a 1,000-token past on SmolLM2, where attend_row's float32 FMAs ran packed prefills at
+// about 70 (so, estimated, 6x longer; docs/benchmarks.md).
 void attend_resumed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_rows,
                     const at::Tensor& v_rows, int64_t t0, int64_t n, int64_t start, double scale, int64_t window,
                     double cap, at::Tensor& out) {
