@@ -13,8 +13,6 @@
 #include "widen.h"
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 // NOTE: no contraction of a * b + c into one fma: torch rounds each product first (see above).
 #pragma GCC optimize("fp-contract=off")
@@ -25,17 +23,6 @@ using kiln::widen;
 
 inline float round_to(float x, c10::BFloat16*) { return kiln::round_bf16(x); }
 inline float round_to(float x, float*) { return x; }
-
-template <typename T>
-inline void store(T* dst, float x) {
-  if constexpr (std::is_same_v<T, float>) {
-    *dst = x;
-  } else {  // x is a bfloat16 value already (round_bf16): its upper half
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    dst->x = static_cast<uint16_t>(bits >> 16);
-  }
-}
 
 // out[t, n, :] = x * cos + rotate_half(x) * sin over heads n of token t; cos/sin [T, D] rows (one per token).
 template <typename T>
@@ -53,13 +40,13 @@ void rope_rows(const T* x, int64_t xs0, int64_t xs1, const T* cos, int64_t cs0, 
         for (int64_t i = 0; i < half; ++i) {  // rotate_half(x)[i] = -x[i + half]
           const float a = round_to(widen(xr[i]) * widen(c[i]), o);
           const float b = round_to(-widen(xr[i + half]) * widen(s[i]), o);
-          store(o + i, round_to(a + b, o));
+          kiln::narrow_store(o + i, a + b);  // the sum rounded to the dtype
         }
 #pragma omp simd
         for (int64_t i = half; i < d; ++i) {  // rotate_half(x)[i] = x[i - half]
           const float a = round_to(widen(xr[i]) * widen(c[i]), o);
           const float b = round_to(widen(xr[i - half]) * widen(s[i]), o);
-          store(o + i, round_to(a + b, o));
+          kiln::narrow_store(o + i, a + b);  // the sum rounded to the dtype
         }
       }
     }
