@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from compile.config import (CPU_KERNELS, CPU_PREFIX_CACHE_ROWS, DEFAULT_CONTEXT_BUCKETS, DTYPES, NEURON_PREFIX_CACHE_ROWS,
-                            NEURON_TARGETS, TARGETS, CompileConfig, ConfigError)
+from compile.config import (AUTO_DTYPE, CPU_KERNELS, CPU_PREFIX_CACHE_ROWS, DEFAULT_CONTEXT_BUCKETS, DTYPES,
+                            NEURON_PREFIX_CACHE_ROWS, NEURON_TARGETS, TARGETS, CompileConfig, ConfigError)
 from compile.quantize import QUANTIZATIONS
 
 EPILOG = """examples:
@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", help="HF folder, .gguf file, or built-in name (smollm2-135m-instruct)")
     c.add_argument("--out", type=Path, help="artifact folder to write")
     c.add_argument("--target", choices=TARGETS, default="cpu", help="device the graphs are for (default cpu)")
-    c.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and activation dtype (default bfloat16)")
+    c.add_argument("--dtype", choices=(AUTO_DTYPE, *DTYPES), default=AUTO_DTYPE,
+                   help="weight and activation dtype; auto: bfloat16, except float32 for a cpu target on a CPU "
+                        "without fast bf16 matmuls (AVX2 only, no AVX-512), where bf16 runs several times "
+                        "slower (default auto)")
     c.add_argument("--context-buckets", type=int_list, metavar="S1,S2,..",
                    help=f"prefill lengths (default {','.join(map(str, DEFAULT_CONTEXT_BUCKETS))}; on cpu "
                         f"{','.join(map(str, CPU_CONTEXT_BUCKETS))}; capped at max-model-len)")
@@ -104,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> CompileConfig:
     cpu = args.target == "cpu"
+    dtype = args.dtype
+    if dtype == AUTO_DTYPE:
+        from compile.cpu_kernels import resolve_dtype
+        dtype = resolve_dtype(dtype, args.target)
+        if not args.quiet:
+            print(f"--dtype auto: {dtype}" + (" (this CPU has no fast bf16 matmul)" if dtype == "float32" else ""))
     max_len = args.max_model_len
     max_seqs = args.max_num_seqs or (CPU_MAX_NUM_SEQS if cpu else NEURON_MAX_NUM_SEQS)
     # the defaults below max_len, plus max_len itself when it is within them (past 2048 a longer
@@ -112,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
     context = args.context_buckets or (tuple(s for s in defaults if s < max_len) + (
         (max_len,) if max_len <= defaults[-1] else ()))
     return CompileConfig(
-        checkpoint=args.checkpoint, target=args.target, dtype=args.dtype, context_buckets=context,
+        checkpoint=args.checkpoint, target=args.target, dtype=dtype, context_buckets=context,
         batch_buckets=args.batch_buckets or powers_of_two_up_to(max_seqs, midpoints=CPU_BATCH_MIDPOINTS if cpu else (0, 0)),
         kv_buckets=args.kv_buckets or powers_of_two_up_to(max_len, start=min(128, max_len),
                                                           midpoints=CPU_KV_MIDPOINTS if cpu else (0, 0)),

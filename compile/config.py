@@ -7,6 +7,7 @@ from typing import Optional
 from compile.quantize import QUANTIZATIONS
 
 DTYPES = ("float32", "bfloat16")
+AUTO_DTYPE = "auto"   # the CLI's default; compile/cpu_kernels.resolve_dtype picks one of DTYPES
 TARGETS = ("cpu", "neuron")
 NEURON_TARGETS = ("inf2", "trn1", "trn2")
 CPU_KERNELS = ("auto", "cpu-onednn", "portable")  # compile/cpu_kernels.py

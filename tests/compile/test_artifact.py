@@ -140,6 +140,26 @@ def test_explicit_onednn_kernels_on_a_host_without_them_is_a_config_error(tiny_l
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.parametrize("bf16_problem, target, expected", [
+    (None, "cpu", "bfloat16"),                        # AVX-512 / AMX host: oneDNN runs bf16
+    ("bf16 path needs avx512bw", "cpu", "float32"),   # AVX2-only host: bf16 is emulated, float32 is faster
+    ("bf16 path needs avx512bw", "neuron", "bfloat16"),  # the compile host's CPU says nothing about a NeuronCore
+])
+def test_dtype_auto_picks_float32_only_for_a_cpu_target_without_bf16_matmuls(monkeypatch, capsys, bf16_problem,
+                                                                              target, expected):
+    import compile.cpu_kernels
+    from compile.__main__ import build_parser, config_from_args
+    monkeypatch.setattr(compile.cpu_kernels, "onednn_problem",
+                        lambda dtype: bf16_problem if dtype == torch.bfloat16 else None)
+    target_flags = ["--target", target] + (["--neuron-target", "inf2"] if target == "neuron" else [])
+    args = build_parser().parse_args(["--checkpoint", "x", "--out", "y", *target_flags])
+    assert args.dtype == "auto"
+    assert config_from_args(args).dtype == expected
+    assert f"--dtype auto: {expected}" in capsys.readouterr().out    # stdout: stderr keeps one-line errors
+    explicit = build_parser().parse_args(["--checkpoint", "x", "--out", "y", *target_flags, "--dtype", "bfloat16"])
+    assert config_from_args(explicit).dtype == "bfloat16"   # an explicit dtype is never changed
+
+
 def test_torch_version_mismatch_is_refused(artifact_copy):
     path = artifact_copy / "manifest.json"
     raw = json.loads(path.read_text())

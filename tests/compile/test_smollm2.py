@@ -42,8 +42,10 @@ def test_greedy_parity_with_transformers_gguf(smollm2_float32):
 
 
 def test_bfloat16_artifact_is_at_most_115_percent_of_its_weights(tmp_path):
-    cfg = CompileConfig(checkpoint="smollm2-135m-instruct", dtype="bfloat16", context_buckets=(128, 512),
-                        batch_buckets=(1, 2, 4), kv_buckets=(256, 512), max_num_seqs=4, max_model_len=512)
+    # few graphs: each is tens of KiB beside 270 MB of weights, and a bf16 export is slow on hosts without
+    # bf16 oneDNN (portable graphs)
+    cfg = CompileConfig(checkpoint="smollm2-135m-instruct", dtype="bfloat16", context_buckets=(128,),
+                        batch_buckets=(1, 2), kv_buckets=(256,), max_num_seqs=2, max_model_len=256)
     result = build_artifact(cfg, tmp_path / "bf16", progress=False)
     manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
     weights = sum(f["size"] for rel, f in manifest["files"].items() if rel.startswith("weights/"))
