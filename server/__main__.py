@@ -74,10 +74,10 @@ def build_app(config: ServerConfig):
         raise StartupError(f"{e} (artifact {artifact})") from None
     model = ModelInfo(name=name, max_model_len=engine.config.max_model_len, vocab_size=loaded.runner.vocab_size,
                       root=str(artifact))
-    logger.info("serving %s from %s (%s, %s; max_num_seqs=%d, max_model_len=%d, max_num_batched_tokens=%d, "
+    logger.info("serving %s from %s (%s, %s; max_num_seqs=%d, max_model_len=%d, max_num_batched_tokens=%s, "
                 "max_num_queued_reqs=%d, prefix cache rows=%d)", name, artifact, loaded.manifest.target,
                 loaded.manifest.dtype, engine.config.max_num_seqs, engine.config.max_model_len,
-                engine.config.max_num_batched_tokens, engine.config.max_num_queued_reqs,
+                config.max_num_batched_tokens or "timed at warm-up", engine.config.max_num_queued_reqs,
                 engine.prefix_cache_rows)
     options = ServingOptions(strict_request_fields=config.strict_request_fields,
                              enable_auto_tool_choice=config.enable_auto_tool_choice,
@@ -85,6 +85,24 @@ def build_app(config: ServerConfig):
     app = create_app(engine, loaded.tokenizer, model, metrics, api_key=config.api_key,
                      allowed_origins=config.allowed_origins, options=options, docs=not config.disable_fastapi_docs)
     return app, engine, loaded.runner
+
+
+def time_token_budget(engine, runner) -> None:
+    """The default max_num_batched_tokens, capped by this host's measured prefill speed (EngineConfig's
+    timed_token_budget), set before the engine's first step; the cache is left as warm-up left it."""
+    from server.engine.config import STEP_PREFILL_TARGET_S, timed_token_budget
+    timings: dict[int, float] = {}
+
+    def seconds_for(tokens: int) -> float:
+        timings[tokens] = runner.prefill(0, [0] * tokens).run.seconds
+        return timings[tokens]
+
+    budget = timed_token_budget(seconds_for, runner.context_buckets)
+    runner.clear_cache()
+    engine.set_token_budget(budget)
+    logger.info("max_num_batched_tokens=%d: the largest prefill bucket up to 512 tokens within %.1f s here (%s)",
+                budget, STEP_PREFILL_TARGET_S,
+                ", ".join(f"{t} tokens {s * 1e3:.0f} ms" for t, s in sorted(timings.items())))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -116,6 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         logger.info("warming up every bucket graph")
         runner.warmup()
+        if config.max_num_batched_tokens is None:
+            time_token_budget(engine, runner)
     except Exception as e:  # noqa: BLE001 - reported by /health and /ready, then the server exits
         engine.fail(e)
     else:

@@ -124,7 +124,8 @@ _FLAGS: list[tuple[str, Callable[[str], object], str, str]] = [
     ("--max-num-queued-reqs", int, "N", "requests allowed to wait for a slot; beyond it the server answers "
      "429 with Retry-After"),
     ("--max-num-batched-tokens", int, "N", "prompt tokens prefilled per step: a running stream waits behind at "
-     "most this many between two tokens (default: the largest context bucket up to 512)"),
+     "most this many between two tokens (default: the largest context bucket up to 512 whose prefill takes at "
+     "most 0.4 s here, timed at start-up)"),
     ("--allowed-origins", _origins, "ORIGINS", "CORS origins: '*', a comma-separated list or a JSON list"),
     ("--drain-timeout", float, "SECONDS", "on SIGTERM, how long requests in flight may run before they "
      "are aborted"),

@@ -142,6 +142,11 @@ class AsyncEngine:
             if self._overdue():
                 return
 
+    def set_token_budget(self, tokens: int) -> None:
+        """LLMEngine.set_token_budget; call it before run()."""
+        self.engine.set_token_budget(tokens)
+        self.config = self.engine.config
+
     @property
     def prefix_cache_rows(self) -> int:
         """Store rows the prefix cache uses (0: prefix caching off)."""

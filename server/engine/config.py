@@ -3,12 +3,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 LOGPROBS_MODES = ("raw", "processed")
 # NOTE: on the 2-core dev machine a 512-token prefill of SmolLM2 takes about 0.25 s: the longest a
 # decode step can be held up. More tokens per step would not prefill faster (it is compute-bound).
 DEFAULT_BATCHED_TOKENS = 512
+# The server's default budget is also capped in time (timed_token_budget): CPUs differ 5x in prefill speed.
+# NOTE: SmolLM2 on a 2-core AVX2-only EPYC (float32) prefills 128 tokens in 0.33 s and 512 in 1.3-1.6 s; a 512
+# budget there held every stream for that long and, with a prefix cache, put 8 clients' rests in one 1.3 s call:
+# a 128 budget cut the shared-prefix TTFT p50 from 1.96 to 1.02 s (docs/benchmarks.md, "AVX2 hosts").
+STEP_PREFILL_TARGET_S = 0.4
+
+
+def timed_token_budget(seconds_for: Callable[[int], float], context_buckets: Sequence[int]) -> int:
+    """The largest context bucket up to DEFAULT_BATCHED_TOKENS whose one-prompt prefill, timed by
+    seconds_for(tokens), takes at most STEP_PREFILL_TARGET_S; the smallest bucket if none does. Buckets
+    are timed smallest first, and the first one over the target ends the search."""
+    candidates = sorted(b for b in context_buckets if b <= DEFAULT_BATCHED_TOKENS) or [min(context_buckets)]
+    budget = candidates[0]
+    for tokens in candidates:
+        if seconds_for(tokens) > STEP_PREFILL_TARGET_S:
+            break
+        budget = tokens
+    return budget
 
 
 @dataclass(frozen=True)

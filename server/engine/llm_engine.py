@@ -9,6 +9,7 @@ constraint get their token masks computed while the graphs run (structured.py). 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -63,6 +64,14 @@ class LLMEngine:
         self._pending_aborts: list[str] = []
         self._released: list[str] = []     # finished sequences whose sampler state can go
         self._generate_ids = itertools.count()
+
+    def set_token_budget(self, tokens: int) -> None:
+        """A new max_num_batched_tokens, before the first step (the server's timed default)."""
+        largest = max(self.runner.context_buckets)
+        if not 1 <= tokens <= largest:
+            raise ValueError(f"max_num_batched_tokens={tokens} is outside 1..{largest} (the largest context bucket)")
+        self.config = dataclasses.replace(self.config, max_num_batched_tokens=tokens)
+        self.scheduler.token_budget = tokens
 
     # ---- requests -------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:

@@ -311,3 +311,35 @@ def test_non_finite_logits_fail_only_that_sequence_and_free_its_slot():
     assert bad.outputs[0].finish_reason is FinishReason.ERROR and len(bad.outputs[0].token_ids) == 1
     assert good.outputs[0].token_ids == alone and good.outputs[0].finish_reason is FinishReason.LENGTH
     assert engine.kv.num_used == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("seconds_per_token, expected, timed_buckets", [
+    (0.0005, 512, [64, 128, 192, 256, 512]),  # 512 tokens in 0.26 s (the AMX Xeon): the untimed default
+    (0.0026, 128, [64, 128, 192]),            # 128 in 0.33 s, 192 in 0.50 s (the AVX2 EPYC): stops at 192
+    (0.01, 64, [64]),                         # even the smallest bucket is over the target: still the budget
+])
+def test_timed_token_budget_is_the_largest_bucket_within_the_target(seconds_per_token, expected, timed_buckets):
+    from server.engine.config import STEP_PREFILL_TARGET_S, timed_token_budget
+    timed = []
+
+    def seconds_for(tokens):
+        timed.append(tokens)
+        return tokens * seconds_per_token
+
+    assert STEP_PREFILL_TARGET_S == 0.4
+    assert timed_token_budget(seconds_for, (64, 128, 192, 256, 512, 1024, 2048)) == expected
+    assert timed == timed_buckets       # smallest first, never past 512, none after the first over the target
+
+
+def test_set_token_budget_bounds_every_later_step():
+    engine = make_engine(max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="outside 1..16"):
+        engine.set_token_budget(17)
+    engine.set_token_budget(8)
+    assert engine.config.max_num_batched_tokens == 8
+    for i in range(3):
+        engine.add_request(f"r{i}", toks(14, start=i + 1), GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+        prefilled = sum(r.num_real_tokens for r in engine.last_step_stats.runs if r.kind.startswith("prefill"))
+        assert prefilled <= 8

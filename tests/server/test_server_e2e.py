@@ -284,3 +284,11 @@ def test_json_request_log_lines(server, http):
     assert record["logger"] == "kiln.request" and record["status"] == 200
     assert record["prompt_tokens"] == 1 and record["output_tokens"] == 2 and record["finish_reason"] == "length"
     assert record["ttft_s"] >= 0 and record["total_s"] >= record["ttft_s"]
+
+
+def test_default_token_budget_is_timed_at_start_up(server):
+    # the tiny model prefills its largest bucket (64) in milliseconds: the untimed default, timed and logged
+    messages = [json.loads(raw)["message"] for raw in server.log().splitlines() if raw.startswith("{")]
+    timed = [m for m in messages if m.startswith("max_num_batched_tokens=")]
+    assert len(timed) == 1 and timed[0].startswith("max_num_batched_tokens=64: the largest prefill bucket"), timed
+    assert "16 tokens" in timed[0] and "64 tokens" in timed[0]
