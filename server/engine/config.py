@@ -12,7 +12,8 @@ DEFAULT_BATCHED_TOKENS = 512
 # The server's default budget is also capped in time (timed_token_budget): CPUs differ 5x in prefill speed.
 # NOTE: SmolLM2 on a 2-core AVX2-only EPYC (float32) prefills 128 tokens in 0.33 s and 512 in 1.3-1.6 s; a 512
 # budget there held every stream for that long and, with a prefix cache, put 8 clients' rests in one 1.3 s call:
-# a 128 budget cut the shared-prefix TTFT p50 from 1.96 to 1.02 s (docs/benchmarks.md, "AVX2 hosts").
+# a 128 budget cut the shared-prefix TTFT p50 from 1.96 to 1.0-1.1 s and ITL p99 in half, for 9% of the no-reuse
+# throughput at 16 clients (docs/benchmarks.md, "AVX2 hosts").
 STEP_PREFILL_TARGET_S = 0.4
 
 
