@@ -10,18 +10,24 @@ LOGPROBS_MODES = ("raw", "processed")
 # decode step can be held up. More tokens per step would not prefill faster (it is compute-bound).
 DEFAULT_BATCHED_TOKENS = 512
 # The server's default budget is also capped in time (timed_token_budget): CPUs differ 5x in prefill speed.
-# NOTE: SmolLM2 on a 2-core AVX2-only EPYC (float32) prefills 128 tokens in 0.33 s and 512 in 1.3-1.6 s; a 512
+# NOTE: SmolLM2 on a 2-core AVX2-only EPYC (float32) prefills 128 tokens in 0.33 s and 512 in 1.3-1.9 s; a 512
 # budget there held every stream for that long and, with a prefix cache, put 8 clients' rests in one 1.3 s call:
 # a 128 budget cut the shared-prefix TTFT p50 from 1.96 to 1.0-1.1 s and ITL p99 in half, for 9% of the no-reuse
 # throughput at 16 clients (docs/benchmarks.md, "AVX2 hosts").
 STEP_PREFILL_TARGET_S = 0.4
 
 
+def default_budget_buckets(context_buckets: Sequence[int]) -> list[int]:
+    """The context buckets a default budget may be, ascending: those up to DEFAULT_BATCHED_TOKENS, else the
+    smallest. Untimed (EngineConfig.resolve), the default is the largest of them."""
+    return sorted(b for b in context_buckets if b <= DEFAULT_BATCHED_TOKENS) or [min(context_buckets)]
+
+
 def timed_token_budget(seconds_for: Callable[[int], float], context_buckets: Sequence[int]) -> int:
     """The largest context bucket up to DEFAULT_BATCHED_TOKENS whose one-prompt prefill, timed by
     seconds_for(tokens), takes at most STEP_PREFILL_TARGET_S; the smallest bucket if none does. Buckets
     are timed smallest first, and the first one over the target ends the search."""
-    candidates = sorted(b for b in context_buckets if b <= DEFAULT_BATCHED_TOKENS) or [min(context_buckets)]
+    candidates = default_budget_buckets(context_buckets)
     budget = candidates[0]
     for tokens in candidates:
         if seconds_for(tokens) > STEP_PREFILL_TARGET_S:
@@ -80,8 +86,7 @@ class EngineConfig:
         max_num_seqs = self.max_num_seqs or min(runner.num_slots, max_batch)
         max_model_len = self.max_model_len or runner.max_model_len
         largest = max(runner.context_buckets)
-        budget = self.max_num_batched_tokens or max(
-            [b for b in runner.context_buckets if b <= DEFAULT_BATCHED_TOKENS] or [min(runner.context_buckets)])
+        budget = self.max_num_batched_tokens or max(default_budget_buckets(runner.context_buckets))
         if max_num_seqs > runner.num_slots:
             raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the runner's "
                              f"{runner.num_slots} KV slots")

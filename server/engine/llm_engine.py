@@ -66,11 +66,9 @@ class LLMEngine:
         self._generate_ids = itertools.count()
 
     def set_token_budget(self, tokens: int) -> None:
-        """A new max_num_batched_tokens, before the first step (the server's timed default)."""
-        largest = max(self.runner.context_buckets)
-        if not 1 <= tokens <= largest:
-            raise ValueError(f"max_num_batched_tokens={tokens} is outside 1..{largest} (the largest context bucket)")
-        self.config = dataclasses.replace(self.config, max_num_batched_tokens=tokens)
+        """A new max_num_batched_tokens, before the first step (the server's timed default), checked as
+        EngineConfig checks one given at construction."""
+        self.config = dataclasses.replace(self.config, max_num_batched_tokens=tokens).resolve(self.runner)
         self.scheduler.token_budget = tokens
 
     # ---- requests -------------------------------------------------------------------------

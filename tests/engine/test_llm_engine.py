@@ -333,8 +333,11 @@ def test_timed_token_budget_is_the_largest_bucket_within_the_target(seconds_per_
 
 def test_set_token_budget_bounds_every_later_step():
     engine = make_engine(max_num_batched_tokens=16)
-    with pytest.raises(ValueError, match="outside 1..16"):
+    with pytest.raises(ValueError, match="max_num_batched_tokens=17 exceeds the largest context bucket 16"):
         engine.set_token_budget(17)
+    with pytest.raises(ValueError, match="must be a positive integer, got 0"):
+        engine.set_token_budget(0)
+    assert engine.config.max_num_batched_tokens == 16 and engine.scheduler.token_budget == 16   # unchanged
     engine.set_token_budget(8)
     assert engine.config.max_num_batched_tokens == 8
     for i in range(3):
